@@ -1,0 +1,327 @@
+"""The driver: scan an algorithm over steps in jitted chunks, evaluate between chunks.
+
+Step ``t`` of a run uses the key ``k_t = fold_in(key, t)`` split into a data key (for
+``sampler(k_data, t)``) and an algorithm key (for ``algo.step``), so the trajectory is
+a pure function of ``key`` and does not depend on how the run is chunked.
+
+* :func:`run` jits one chunk of ``eval_every`` steps as a single ``lax.scan`` (compiled
+  once), calls ``eval_fn(state)`` between chunks, shows a progress bar, stops on
+  non-finite losses / parameters, and returns ``(state, History)``.
+* :func:`run_traced` is the same loop fully traced (no host callbacks, no Python
+  control flow on values): ``jax.grad`` and ``jax.vmap`` see through a whole run.
+
+Example:
+  >>> state, hist = jd.run(algo, state, sampler, key, 500, eval_every=50,
+  ...                      eval_fn=lambda s: ev(s.params))
+  >>> hist.eval["avg_model_acc"][-1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdec.types import Algorithm, PyTree, Sampler
+
+__all__ = ["History", "Diverged", "run", "run_traced", "summarize_info", "step_keys"]
+
+
+class Diverged(RuntimeError):
+    """Raised by :func:`run` with ``on_nonfinite="raise"``."""
+
+
+@dataclasses.dataclass
+class History:
+    """What a run recorded.
+
+    Attributes:
+      train: per-step training diagnostics, ``{name: array [num_steps_done]}``
+        (worker-axis fields of ``Info`` are averaged over workers, flags reduced).
+      eval_steps: steps at which ``eval_fn`` ran (0 = before training).
+      eval: ``{name: array [len(eval_steps)]}``.
+      wall_time: seconds spent per chunk (compile included in the first).
+      diverged_at: first step with a non-finite worker, or ``None``.
+      diverged_workers: indices of the non-finite workers at that step.
+    """
+
+    train: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    eval_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
+    eval: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    wall_time: list[float] = dataclasses.field(default_factory=list)
+    diverged_at: int | None = None
+    diverged_workers: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_steps(self) -> int:
+        """Number of training steps recorded."""
+        return len(next(iter(self.train.values()))) if self.train else 0
+
+    def records(self) -> list[dict[str, Any]]:
+        """One JSON-ready record per evaluation point (train metrics averaged over
+        the steps since the previous evaluation)."""
+        out = []
+        prev = 0
+        for k, s in enumerate(self.eval_steps):
+            rec: dict[str, Any] = {"step": int(s)}
+            for name, v in self.train.items():
+                if s > prev:
+                    rec[f"train_{name}"] = float(np.mean(v[prev:s]))
+            for name, v in self.eval.items():
+                rec[name] = float(v[k])
+            out.append(rec)
+            prev = int(s)
+        return out
+
+    def to_jsonl(self, path: str | Path) -> None:
+        """Write :meth:`records` as JSON lines."""
+        with open(path, "w") as f:
+            for rec in self.records():
+                f.write(json.dumps(rec) + "\n")
+
+
+def summarize_info(info: Any) -> dict[str, jax.Array]:
+    """Reduce an algorithm's ``Info`` to scalars per step.
+
+    Leaves with a leading worker axis are averaged (boolean flags: ``all``); fields
+    named ``finite`` become ``nonfinite_workers`` (a count). ``None`` fields are
+    dropped; nested ``aux`` dicts are flattened as ``aux_<key>``.
+    """
+    fields = info._asdict() if hasattr(info, "_asdict") else dict(info)
+    out: dict[str, jax.Array] = {}
+    for name, v in fields.items():
+        if v is None:
+            continue
+        if name == "finite":
+            out["nonfinite_workers"] = jnp.sum(~v.astype(bool)).astype(jnp.int32)
+            continue
+        if isinstance(v, dict):
+            for k, leaf in v.items():
+                out[f"{name}_{k}"] = jnp.mean(leaf)
+            continue
+        v = jnp.asarray(v)
+        out[name] = (
+            jnp.all(v) if v.dtype == jnp.bool_ else jnp.mean(v.astype(jnp.float32))
+        )
+    return out
+
+
+def step_keys(key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Data and algorithm keys of step ``t``: ``split(fold_in(key, t))``."""
+    k_data, k_algo = jax.random.split(jax.random.fold_in(key, t))
+    return k_data, k_algo
+
+
+def _scan_steps(algo: Algorithm, sampler: Sampler, reduce: Callable, length: int):
+    def body(carry, t):
+        state, key = carry
+        k_data, k_algo = step_keys(key, t)
+        state, info = algo.step(state, sampler(k_data, t), k_algo)
+        finite = getattr(info, "finite", None)
+        return (state, key), (reduce(info), finite)
+
+    def chunk(state, key, start):
+        ts = start + jnp.arange(length, dtype=jnp.int32)
+        (state, _), (summ, finite) = jax.lax.scan(body, (state, key), ts)
+        return state, summ, finite
+
+    return chunk
+
+
+def run(
+    algo: Algorithm,
+    state: PyTree,
+    sampler: Sampler,
+    key: jax.Array,
+    num_steps: int,
+    *,
+    eval_every: int | None = None,
+    eval_fn: Callable[[PyTree], dict[str, Any]] | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+    jsonl: str | Path | None = None,
+    reduce_info: Callable[[Any], dict[str, jax.Array]] = summarize_info,
+    on_nonfinite: str = "stop",
+    start_step: int = 0,
+) -> tuple[PyTree, History]:
+    """Run ``num_steps`` steps of ``algo`` from ``state``.
+
+    The loop is ``state, info = algo.step(state, sampler(k_data_t, t), k_algo_t)``
+    for ``t = start_step .. start_step + num_steps - 1`` (keys from
+    :func:`step_keys`), scanned in chunks of ``eval_every`` steps, each chunk one
+    compiled call. ``eval_fn(state)`` (jitted once) runs before training and after
+    every chunk.
+
+    Args:
+      algo: an ``Algorithm(init, step)``.
+      state: the algorithm state (from ``algo.init``); not modified.
+      sampler: ``sampler(key, step) -> batch`` (jittable).
+      key: PRNG key of the run.
+      num_steps: number of steps (``>= 1``).
+      eval_every: chunk length / evaluation period (default ``min(num_steps, 100)``).
+      eval_fn: ``eval_fn(state) -> {name: scalar}``, jittable; optional.
+      progress: show a tqdm progress bar.
+      desc: progress bar label.
+      jsonl: if given, write one JSON record per evaluation to this path.
+      reduce_info: maps one step's ``Info`` to a dict of scalars.
+      on_nonfinite: ``"stop"`` (stop after the chunk, keep the last state and set
+        ``History.diverged_at``), ``"raise"`` (raise :class:`Diverged`) or
+        ``"ignore"``.
+      start_step: index of the first step (to resume a run).
+
+    Returns:
+      ``(final_state, history)``.
+    """
+    num_steps = _positive_int(num_steps, "num_steps")
+    chunk_len = min(num_steps, 100) if eval_every is None else eval_every
+    chunk_len = _positive_int(chunk_len, "eval_every")
+    if on_nonfinite not in ("stop", "raise", "ignore"):
+        raise ValueError(
+            f"on_nonfinite must be 'stop', 'raise' or 'ignore', got {on_nonfinite!r}."
+        )
+    chunks = {}
+
+    def compiled(length):
+        if length not in chunks:
+            chunks[length] = jax.jit(_scan_steps(algo, sampler, reduce_info, length))
+        return chunks[length]
+
+    eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
+    hist = History()
+    train_parts: list[dict[str, np.ndarray]] = []
+    eval_steps, eval_rows = [], []
+
+    def do_eval(s, t):
+        if eval_jit is not None:
+            eval_steps.append(t)
+            eval_rows.append({k: float(v) for k, v in eval_jit(s).items()})
+
+    bar = _progress_bar(num_steps, desc, progress)
+    do_eval(state, start_step)
+    t, end = start_step, start_step + num_steps
+    try:
+        while t < end:
+            length = min(chunk_len, end - t)
+            tic = time.perf_counter()
+            state, summ, finite = compiled(length)(state, key, jnp.int32(t))
+            summ = jax.device_get(summ)
+            hist.wall_time.append(time.perf_counter() - tic)
+            train_parts.append({k: np.asarray(v) for k, v in summ.items()})
+            t += length
+            do_eval(state, t)
+            bar.update(length)
+            bar.set_postfix(_postfix(summ, eval_rows), refresh=False)
+            if finite is not None and on_nonfinite != "ignore":
+                finite = np.asarray(finite)
+                if not finite.all():
+                    bad_step, _ = np.argwhere(~finite)[0]
+                    hist.diverged_at = int(t - length + bad_step)
+                    hist.diverged_workers = np.flatnonzero(~finite[bad_step]).tolist()
+                    msg = (
+                        f"non-finite loss or parameters at step {hist.diverged_at} on "
+                        f"workers {hist.diverged_workers[:20]}; lower the learning "
+                        "rate or add optax.clip_by_global_norm."
+                    )
+                    if on_nonfinite == "raise":
+                        raise Diverged(msg)
+                    bar.write("jaxdec.run: stopping: " + msg)
+                    break
+    finally:
+        bar.close()
+    if train_parts:
+        hist.train = {
+            k: np.concatenate([p[k] for p in train_parts]) for k in train_parts[0]
+        }
+    hist.eval_steps = np.asarray(eval_steps, dtype=np.int64)
+    if eval_rows:
+        hist.eval = {k: np.asarray([r[k] for r in eval_rows]) for k in eval_rows[0]}
+    if jsonl is not None:
+        hist.to_jsonl(jsonl)
+    return state, hist
+
+
+def run_traced(
+    algo: Algorithm,
+    state: PyTree,
+    sampler: Sampler,
+    key: jax.Array,
+    num_steps: int,
+    *,
+    start_step: int = 0,
+    reduce_info: Callable[[Any], dict[str, jax.Array]] = summarize_info,
+    checkpoint_every: int | None = None,
+) -> tuple[PyTree, dict[str, jax.Array]]:
+    """Fully traced run: one ``lax.scan`` over ``num_steps`` (no host callbacks).
+
+    Same trajectory as :func:`run` with the same arguments. Differentiable with
+    ``jax.grad`` (e.g. with respect to hyperparameters closed over by ``algo``) and
+    vmappable. With ``checkpoint_every=c`` the scan is split into ``num_steps / c``
+    rematerialized chunks (``jax.checkpoint``), bounding reverse-mode memory.
+
+    Returns:
+      ``(final_state, per_step_summaries)`` where each summary is ``[num_steps]``.
+    """
+    num_steps = _positive_int(num_steps, "num_steps")
+    if checkpoint_every is None:
+        chunk = _scan_steps(algo, sampler, reduce_info, num_steps)
+        state, summ, _ = chunk(state, key, jnp.int32(start_step))
+        return state, summ
+    c = _positive_int(checkpoint_every, "checkpoint_every")
+    if num_steps % c:
+        raise ValueError(
+            f"checkpoint_every={c} must divide num_steps={num_steps}; pick a divisor."
+        )
+    inner = jax.checkpoint(_scan_steps(algo, sampler, reduce_info, c))
+
+    def outer(st, start):
+        st, summ, _ = inner(st, key, start)
+        return st, summ
+
+    starts = start_step + c * jnp.arange(num_steps // c, dtype=jnp.int32)
+    state, summ = jax.lax.scan(outer, state, starts)
+    return state, jax.tree.map(lambda v: v.reshape(num_steps, *v.shape[2:]), summ)
+
+
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or int(v) != v or int(v) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
+    return int(v)
+
+
+def _postfix(summ: dict, eval_rows: list[dict]) -> dict[str, str]:
+    out = {}
+    if "loss" in summ:
+        out["loss"] = f"{float(np.mean(summ['loss'])):.4f}"
+    if eval_rows:
+        for k, v in list(eval_rows[-1].items())[:3]:
+            out[k] = f"{v:.4g}"
+    return out
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def write(self, s):
+        print(s)
+
+    def close(self):
+        pass
+
+
+def _progress_bar(total: int, desc: str | None, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc or "jaxdec", unit="step", dynamic_ncols=True)

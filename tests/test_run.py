@@ -1,0 +1,183 @@
+"""The driver: determinism, chunking invariance, traced equivalence, gradients,
+divergence handling, JSON output."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdec as jd
+from jaxdec import gossip, topology
+from jaxdec.run import Diverged, step_keys
+
+N, D, M = 6, 3, 40
+
+
+def _problem(seed=0):
+    r = np.random.default_rng(seed)
+    a = jnp.asarray(r.normal(size=(N, M, D)), jnp.float32)
+    w_true = r.normal(size=(N, D))
+    y = jnp.asarray(np.einsum("nmd,nd->nm", np.asarray(a), w_true), jnp.float32)
+
+    def sampler(key, step):
+        idx = jax.random.randint(key, (N, 8), 0, M)
+        return (
+            jnp.take_along_axis(a, idx[..., None], 1),
+            jnp.take_along_axis(y, idx, 1),
+        )
+
+    def loss(params, batch, key):
+        aa, yy = batch
+        return jnp.mean((aa @ params["w"] - yy) ** 2)
+
+    return sampler, loss, (a, y)
+
+
+def _setup(lr=0.05, order="atc"):
+    sampler, loss, data = _problem()
+    W = topology.mixing_matrix(topology.ring(N))
+    algo = jd.algorithms.dsgd(loss, optax.sgd(lr), gossip.sparse(W), order=order)
+    state = algo.init({"w": jnp.zeros((N, D))})
+
+    def eval_fn(s):
+        a, y = data
+        pred = jnp.einsum("nmd,nd->nm", a, s.params["w"])
+        return {
+            "mse": jnp.mean((pred - y) ** 2),
+            "consensus": jd.tree.consensus_distance(s.params),
+        }
+
+    return algo, state, sampler, eval_fn
+
+
+def test_same_seed_bit_identical_and_chunking_invariant():
+    algo, state, sampler, eval_fn = _setup()
+    key = jax.random.key(42)
+    s1, h1 = jd.run(
+        algo, state, sampler, key, 30, eval_every=10, eval_fn=eval_fn, progress=False
+    )
+    s2, h2 = jd.run(
+        algo, state, sampler, key, 30, eval_every=10, eval_fn=eval_fn, progress=False
+    )
+    for k in h1.train:
+        np.testing.assert_array_equal(h1.train[k], h2.train[k])
+    for k in h1.eval:
+        np.testing.assert_array_equal(h1.eval[k], h2.eval[k])
+    np.testing.assert_array_equal(s1.params["w"], s2.params["w"])
+    # a different chunking follows the same trajectory
+    s3, h3 = jd.run(algo, state, sampler, key, 30, eval_every=7, progress=False)
+    np.testing.assert_allclose(s3.params["w"], s1.params["w"], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(h3.train["loss"], h1.train["loss"], rtol=1e-6)
+    # a different key gives a different run
+    s4, _ = jd.run(algo, state, sampler, jax.random.key(1), 30, progress=False)
+    assert not np.allclose(s4.params["w"], s1.params["w"])
+    assert list(h1.eval_steps) == [0, 10, 20, 30]
+    assert h1.train["loss"].shape == (30,)
+    assert h1.eval["mse"][-1] < h1.eval["mse"][0]
+
+
+def test_run_equals_manual_loop_and_traced():
+    algo, state, sampler, _ = _setup()
+    key = jax.random.key(3)
+    s_run, _ = jd.run(algo, state, sampler, key, 12, eval_every=5, progress=False)
+    s = state
+    for t in range(12):
+        k_data, k_algo = step_keys(key, jnp.int32(t))
+        s, _ = algo.step(s, sampler(k_data, jnp.int32(t)), k_algo)
+    np.testing.assert_allclose(s_run.params["w"], s.params["w"], rtol=1e-6, atol=1e-7)
+    s_tr, summ = jax.jit(lambda st, k: jd.run_traced(algo, st, sampler, k, 12))(
+        state, key
+    )
+    np.testing.assert_allclose(s_tr.params["w"], s.params["w"], rtol=1e-6, atol=1e-7)
+    assert summ["loss"].shape == (12,)
+    s_ck, _ = jd.run_traced(algo, state, sampler, key, 12, checkpoint_every=4)
+    np.testing.assert_allclose(s_ck.params["w"], s.params["w"], rtol=1e-6, atol=1e-7)
+
+
+def test_grad_through_run_traced_matches_finite_differences():
+    sampler, loss, data = _problem()
+    W = topology.mixing_matrix(topology.ring(N))
+    key = jax.random.key(0)
+
+    def final_loss(lr):
+        algo = jd.algorithms.dsgd(loss, optax.sgd(lr), gossip.dense(W))
+        state = algo.init({"w": jnp.zeros((N, D))})
+        s, _ = jd.run_traced(algo, state, sampler, key, 10, checkpoint_every=5)
+        a, y = data
+        return jnp.mean((jnp.einsum("nmd,nd->nm", a, s.params["w"]) - y) ** 2)
+
+    with _x64():
+        lr = jnp.float64(0.03)
+        g = jax.grad(final_loss)(lr)
+        eps = 1e-5
+        fd = (final_loss(lr + eps) - final_loss(lr - eps)) / (2 * eps)
+    assert float(g) < 0  # a larger step helps early in training
+    np.testing.assert_allclose(g, fd, rtol=2e-3)
+
+
+class _x64:
+    def __enter__(self):
+        self._old = jax.config.jax_enable_x64
+        jax.config.update("jax_enable_x64", True)
+
+    def __exit__(self, *a):
+        jax.config.update("jax_enable_x64", self._old)
+
+
+def test_divergence_stops_with_report():
+    algo, state, sampler, eval_fn = _setup(lr=50.0)
+    s, h = jd.run(
+        algo, state, sampler, jax.random.key(0), 400, eval_every=50, progress=False
+    )
+    assert h.diverged_at is not None
+    assert h.num_steps < 400
+    assert h.diverged_workers
+    assert not np.isfinite(h.train["loss"][h.diverged_at])
+    assert np.isfinite(h.train["loss"][: h.diverged_at]).all()
+    with pytest.raises(Diverged, match="non-finite"):
+        jd.run(
+            algo,
+            state,
+            sampler,
+            jax.random.key(0),
+            400,
+            eval_every=50,
+            progress=False,
+            on_nonfinite="raise",
+        )
+
+
+def test_jsonl_and_validation(tmp_path):
+    algo, state, sampler, eval_fn = _setup()
+    path = tmp_path / "m.jsonl"
+    jd.run(
+        algo,
+        state,
+        sampler,
+        jax.random.key(0),
+        20,
+        eval_every=10,
+        eval_fn=eval_fn,
+        progress=False,
+        jsonl=path,
+    )
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in recs] == [0, 10, 20]
+    assert "train_loss" in recs[1] and "mse" in recs[1]
+    with pytest.raises(ValueError, match="num_steps"):
+        jd.run(algo, state, sampler, jax.random.key(0), 0, progress=False)
+    with pytest.raises(ValueError, match="on_nonfinite"):
+        jd.run(
+            algo,
+            state,
+            sampler,
+            jax.random.key(0),
+            5,
+            progress=False,
+            on_nonfinite="maybe",
+        )
+    with pytest.raises(ValueError, match="divide"):
+        jd.run_traced(algo, state, sampler, jax.random.key(0), 10, checkpoint_every=3)
