@@ -5,7 +5,7 @@
 >>> algo = jd.algorithms.dsgd(loss_fn, optax.sgd(0.1), jd.gossip.dense(W))
 """
 
-from jaxdec import algorithms, gossip, topology, tree, types
+from jaxdec import algorithms, data, gossip, metrics, models, topology, tree, types
 from jaxdec.run import History, run, run_traced
 from jaxdec.types import Algorithm, MixingFn
 
@@ -15,6 +15,9 @@ __all__ = [
     "History",
     "MixingFn",
     "algorithms",
+    "data",
+    "metrics",
+    "models",
     "gossip",
     "run",
     "run_traced",

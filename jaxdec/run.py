@@ -295,13 +295,22 @@ def _positive_int(v, name: str) -> int:
     return int(v)
 
 
+_POSTFIX_KEYS = {
+    "avg_model_acc": "avg_acc",
+    "local_acc_mean": "local_acc",
+    "consensus_distance": "consensus",
+}
+
+
 def _postfix(summ: dict, eval_rows: list[dict]) -> dict[str, str]:
     out = {}
     if "loss" in summ:
         out["loss"] = f"{float(np.mean(summ['loss'])):.4f}"
     if eval_rows:
-        for k, v in list(eval_rows[-1].items())[:3]:
-            out[k] = f"{v:.4g}"
+        last = eval_rows[-1]
+        preferred = [k for k in _POSTFIX_KEYS if k in last]
+        for k in preferred or list(last)[:3]:
+            out[_POSTFIX_KEYS.get(k, k)] = f"{last[k]:.4g}"
     return out
 
 

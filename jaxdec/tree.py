@@ -116,8 +116,9 @@ def consensus_distance(tree: PyTree) -> jax.Array:
     """
 
     def leaf(x):
-        x = x.astype(jnp.float32)
-        d = x - jnp.mean(x, axis=0, keepdims=True)
+        # shift by worker 0 first: exact zero when all workers agree
+        d = x.astype(jnp.float32) - x[:1].astype(jnp.float32)
+        d = d - jnp.mean(d, axis=0, keepdims=True)
         return jnp.sum(jnp.square(d)) / x.shape[0]
 
     return sum((leaf(x) for x in jax.tree.leaves(tree)), jnp.zeros(()))
