@@ -150,7 +150,7 @@ def build(cfg: ExperimentConfig, ds: data.Dataset | None = None) -> dict[str, An
         "algo": algo,
         "state": algo.init(params),
         "sampler": sampler,
-        "eval_fn": lambda s: ev(s.params),
+        "eval_fn": ev,
         "W": W,
         "mix": mix,
         "dataset": ds,

@@ -391,7 +391,10 @@ def evaluator(
       example_chunk: test examples per forward pass.
 
     Returns:
-      ``eval_fn(params) -> dict[str, jax.Array]``.
+      ``eval_fn(params) -> dict[str, jax.Array]``; ``eval_fn(state)`` evaluates
+      ``state.params`` of any algorithm state, so ``jd.run(..., eval_fn=eval_fn)``
+      works directly. It is a ``jax.tree_util.Partial`` whose leaves are the test
+      arrays, so passed as a jit argument the test set is not compiled in.
 
     Example:
       >>> eval_fn = jax.jit(evaluator(apply_fn(model), x_test, y_test))
@@ -402,9 +405,10 @@ def evaluator(
     _check_xy(x, y, "evaluator")
     worker_chunk = _check_chunk(worker_chunk, "worker_chunk", allow_none=False)
     example_chunk = _check_chunk(example_chunk, "example_chunk", allow_none=True)
-    one = _global_eval(apply, x, y, example_chunk)
 
-    def eval_fn(params: PyTree) -> dict[str, jax.Array]:
+    def eval_fn(x: jax.Array, y: jax.Array, target: PyTree) -> dict[str, jax.Array]:
+        params = getattr(target, "params", target)
+        one = _global_eval(apply, x, y, example_chunk)
         loss, acc = jax.lax.map(one, params, batch_size=worker_chunk)
         avg_loss, avg_acc = one(worker_mean(params))
         return {
@@ -416,4 +420,4 @@ def evaluator(
             "consensus_distance": consensus_distance(params),
         }
 
-    return eval_fn
+    return jax.tree_util.Partial(eval_fn, x, y)

@@ -119,20 +119,36 @@ def step_keys(key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     return k_data, k_algo
 
 
-def _scan_steps(algo: Algorithm, sampler: Sampler, reduce: Callable, length: int):
-    def body(carry, t):
-        state, key = carry
-        k_data, k_algo = step_keys(key, t)
-        state, info = algo.step(state, sampler(k_data, t), k_algo)
-        finite = getattr(info, "finite", None)
-        return (state, key), (reduce(info), finite)
+def _scan_steps(algo: Algorithm, reduce: Callable, length: int):
+    """``chunk(state, key, start, sampler)``: ``length`` steps as one ``lax.scan``."""
 
-    def chunk(state, key, start):
+    def chunk(state, key, start, sampler):
+        def body(st, t):
+            k_data, k_algo = step_keys(key, t)
+            st, info = algo.step(st, sampler(k_data, t), k_algo)
+            return st, (reduce(info), getattr(info, "finite", None))
+
         ts = start + jnp.arange(length, dtype=jnp.int32)
-        (state, _), (summ, finite) = jax.lax.scan(body, (state, key), ts)
+        state, (summ, finite) = jax.lax.scan(body, state, ts)
         return state, summ, finite
 
     return chunk
+
+
+def _is_data_pytree(fn: Any) -> bool:
+    """True for callables whose pytree leaves are arrays (``jax.tree_util.Partial``
+    samplers / evaluators): those are passed to jit as arguments, so their data
+    are not compiled into the program as constants."""
+    leaves = jax.tree.leaves(fn)
+    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+
+
+def _jit_with(fn: Callable, obj: Any) -> Callable:
+    """``jit(fn)`` with trailing argument ``obj`` passed as data or closed over."""
+    if _is_data_pytree(obj):
+        jitted = jax.jit(fn)
+        return lambda *args: jitted(*args, obj)
+    return jax.jit(lambda *args: fn(*args, obj))
 
 
 def run(
@@ -166,7 +182,8 @@ def run(
       key: PRNG key of the run.
       num_steps: number of steps (``>= 1``).
       eval_every: chunk length / evaluation period (default ``min(num_steps, 100)``).
-      eval_fn: ``eval_fn(state) -> {name: scalar}``, jittable; optional.
+      eval_fn: ``eval_fn(state) -> {name: scalar}``, jittable; optional (e.g.
+        ``jd.metrics.evaluator(...)``, which reads ``state.params``).
       progress: show a tqdm progress bar.
       desc: progress bar label.
       jsonl: if given, write one JSON record per evaluation to this path.
@@ -190,10 +207,12 @@ def run(
 
     def compiled(length):
         if length not in chunks:
-            chunks[length] = jax.jit(_scan_steps(algo, sampler, reduce_info, length))
+            chunks[length] = _jit_with(_scan_steps(algo, reduce_info, length), sampler)
         return chunks[length]
 
-    eval_jit = jax.jit(eval_fn) if eval_fn is not None else None
+    eval_jit = None
+    if eval_fn is not None:
+        eval_jit = _jit_with(lambda s, fn: fn(s), eval_fn)
     hist = History()
     train_parts: list[dict[str, np.ndarray]] = []
     eval_steps, eval_rows = [], []
@@ -260,7 +279,9 @@ def run_traced(
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Fully traced run: one ``lax.scan`` over ``num_steps`` (no host callbacks).
 
-    Same trajectory as :func:`run` with the same arguments. Differentiable with
+    Same trajectory as :func:`run` with the same arguments. Pass large-data
+    samplers into your jitted function as arguments (they are pytrees) rather
+    than closing over them, so the data are not compiled in as constants. Differentiable with
     ``jax.grad`` (e.g. with respect to hyperparameters closed over by ``algo``) and
     vmappable. With ``checkpoint_every=c`` the scan is split into ``num_steps / c``
     rematerialized chunks (``jax.checkpoint``), bounding reverse-mode memory.
@@ -270,18 +291,19 @@ def run_traced(
     """
     num_steps = _positive_int(num_steps, "num_steps")
     if checkpoint_every is None:
-        chunk = _scan_steps(algo, sampler, reduce_info, num_steps)
-        state, summ, _ = chunk(state, key, jnp.int32(start_step))
+        chunk = _scan_steps(algo, reduce_info, num_steps)
+        state, summ, _ = chunk(state, key, jnp.int32(start_step), sampler)
         return state, summ
     c = _positive_int(checkpoint_every, "checkpoint_every")
     if num_steps % c:
         raise ValueError(
             f"checkpoint_every={c} must divide num_steps={num_steps}; pick a divisor."
         )
-    inner = jax.checkpoint(_scan_steps(algo, sampler, reduce_info, c))
+    chunk = _scan_steps(algo, reduce_info, c)
+    inner = jax.checkpoint(lambda st, start: chunk(st, key, start, sampler))
 
     def outer(st, start):
-        st, summ, _ = inner(st, key, start)
+        st, summ, _ = inner(st, start)
         return st, summ
 
     starts = start_step + c * jnp.arange(num_steps // c, dtype=jnp.int32)

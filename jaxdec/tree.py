@@ -25,6 +25,7 @@ from jaxdec.types import PyTree
 __all__ = [
     "replicate",
     "num_workers",
+    "mean0",
     "worker_mean",
     "broadcast_mean",
     "consensus_distance",
@@ -79,9 +80,28 @@ def num_workers(tree: PyTree) -> int:
     return int(sizes.pop())
 
 
+def mean0(x: jax.Array) -> jax.Array:
+    """Mean over the leading (worker) axis of one array, ``(1/n) sum_i x_i``.
+
+    Floating leaves are reduced as a matrix-vector product ``1^T X / n`` (float32
+    accumulation, highest precision): on XLA:CPU this is ~50x faster than
+    ``jnp.mean(x, axis=0)``, whose reduction over the major axis is not vectorized.
+    """
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return jnp.mean(x, axis=0)
+    s = jnp.tensordot(
+        jnp.ones((x.shape[0],), x.dtype),
+        x,
+        axes=1,
+        precision=jax.lax.Precision.HIGHEST,
+        preferred_element_type=jnp.promote_types(x.dtype, jnp.float32),
+    )
+    return (s / x.shape[0]).astype(x.dtype)
+
+
 def worker_mean(tree: PyTree) -> PyTree:
     """Worker average ``x_bar = (1/n) sum_i x_i`` (leaves lose axis 0)."""
-    return jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    return jax.tree.map(mean0, tree)
 
 
 def broadcast_mean(tree: PyTree) -> PyTree:
@@ -89,12 +109,7 @@ def broadcast_mean(tree: PyTree) -> PyTree:
 
     Equals mixing with the complete-graph matrix ``J = 11^T / n``; dtypes are kept.
     """
-    return jax.tree.map(
-        lambda x: jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape).astype(
-            x.dtype
-        ),
-        tree,
-    )
+    return jax.tree.map(lambda x: jnp.broadcast_to(mean0(x)[None], x.shape), tree)
 
 
 def sq_norm(tree: PyTree) -> jax.Array:
@@ -118,7 +133,7 @@ def consensus_distance(tree: PyTree) -> jax.Array:
     def leaf(x):
         # shift by worker 0 first: exact zero when all workers agree
         d = x.astype(jnp.float32) - x[:1].astype(jnp.float32)
-        d = d - jnp.mean(d, axis=0, keepdims=True)
+        d = d - mean0(d)[None]
         return jnp.sum(jnp.square(d)) / x.shape[0]
 
     return sum((leaf(x) for x in jax.tree.leaves(tree)), jnp.zeros(()))

@@ -238,6 +238,11 @@ def make_sampler(
     Both modes are pure functions of ``(key, step)`` (same inputs, same batch),
     vmapped over workers, and never return padding rows.
 
+    The sampler is a ``jax.tree_util.Partial`` whose pytree leaves are the data
+    arrays: passed as an argument to a jitted function (as :func:`jaxdec.run`
+    does), the data stay device buffers instead of being baked into the compiled
+    program as constants.
+
     Args:
       data: a :class:`WorkerData`.
       batch_size: per-worker batch size ``b >= 1``.
@@ -260,14 +265,13 @@ def make_sampler(
     n = data.num_workers
     m_max = data.max_count
     num_epochs = 2 + (b - 1) // _min_count(data)
-    x_all, y_all, counts = data.x, data.y, data.counts
 
     def gather(x_i, y_i, rows):
         return jnp.take(x_i, rows, axis=0), jnp.take(y_i, rows, axis=0)
 
     if replace:
 
-        def sample_with(key: jax.Array, step: ArrayLike):
+        def sample_with(x_all, y_all, counts, key: jax.Array, step: ArrayLike):
             keys = jax.random.split(jax.random.fold_in(key, step), n)
 
             def one(k, x_i, y_i, c_i):
@@ -277,12 +281,12 @@ def make_sampler(
 
             return jax.vmap(one)(keys, x_all, y_all, counts)
 
-        return sample_with
+        return jax.tree_util.Partial(sample_with, data.x, data.y, data.counts)
 
     slots = jnp.arange(m_max, dtype=jnp.int32)
     offsets = jnp.arange(b, dtype=jnp.int32)
 
-    def sample_without(key: jax.Array, step: ArrayLike):
+    def sample_without(x_all, y_all, counts, key: jax.Array, step: ArrayLike):
         step = jnp.asarray(step, dtype=jnp.int32)
 
         def one(i, x_i, y_i, c_i):
@@ -305,7 +309,7 @@ def make_sampler(
 
         return jax.vmap(one)(jnp.arange(n, dtype=jnp.int32), x_all, y_all, counts)
 
-    return sample_without
+    return jax.tree_util.Partial(sample_without, data.x, data.y, data.counts)
 
 
 def full_batch(data: WorkerData) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
