@@ -279,11 +279,11 @@ def run_traced(
 ) -> tuple[PyTree, dict[str, jax.Array]]:
     """Fully traced run: one ``lax.scan`` over ``num_steps`` (no host callbacks).
 
-    Same trajectory as :func:`run` with the same arguments. Pass large-data
-    samplers into your jitted function as arguments (they are pytrees) rather
-    than closing over them, so the data are not compiled in as constants. Differentiable with
+    Same trajectory as :func:`run` with the same arguments. Differentiable with
     ``jax.grad`` (e.g. with respect to hyperparameters closed over by ``algo``) and
-    vmappable. With ``checkpoint_every=c`` the scan is split into ``num_steps / c``
+    vmappable. Pass large-data samplers into your jitted function as arguments
+    (they are pytrees) rather than closing over them, so the data are not
+    compiled in as constants. With ``checkpoint_every=c`` the scan is split into ``num_steps / c``
     rematerialized chunks (``jax.checkpoint``), bounding reverse-mode memory.
 
     Returns:
