@@ -283,8 +283,8 @@ def run_traced(
     ``jax.grad`` (e.g. with respect to hyperparameters closed over by ``algo``) and
     vmappable. Pass large-data samplers into your jitted function as arguments
     (they are pytrees) rather than closing over them, so the data are not
-    compiled in as constants. With ``checkpoint_every=c`` the scan is split into ``num_steps / c``
-    rematerialized chunks (``jax.checkpoint``), bounding reverse-mode memory.
+    compiled in as constants. With ``checkpoint_every=c`` the scan is split into
+    ``num_steps / c`` rematerialized chunks (``jax.checkpoint``), bounding reverse-mode memory.
 
     Returns:
       ``(final_state, per_step_summaries)`` where each summary is ``[num_steps]``.
