@@ -284,7 +284,8 @@ def run_traced(
     vmappable. Pass large-data samplers into your jitted function as arguments
     (they are pytrees) rather than closing over them, so the data are not
     compiled in as constants. With ``checkpoint_every=c`` the scan is split into
-    ``num_steps / c`` rematerialized chunks (``jax.checkpoint``), bounding reverse-mode memory.
+    ``num_steps / c`` rematerialized chunks (``jax.checkpoint``), bounding
+    reverse-mode memory.
 
     Returns:
       ``(final_state, per_step_summaries)`` where each summary is ``[num_steps]``.
