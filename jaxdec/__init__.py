@@ -5,7 +5,17 @@
 >>> algo = jd.algorithms.dsgd(loss_fn, optax.sgd(0.1), jd.gossip.dense(W))
 """
 
-from jaxdec import algorithms, data, gossip, metrics, models, topology, tree, types
+from jaxdec import (
+    algorithms,
+    data,
+    gossip,
+    merge,
+    metrics,
+    models,
+    topology,
+    tree,
+    types,
+)
 from jaxdec.run import History, run, run_traced
 from jaxdec.types import Algorithm, MixingFn
 
@@ -19,6 +29,7 @@ __all__ = [
     "metrics",
     "models",
     "gossip",
+    "merge",
     "run",
     "run_traced",
     "topology",

@@ -46,6 +46,11 @@ __all__ = [
     "complete",
     "masked",
     "messages_sent",
+    "random_pull",
+    "connectivity",
+    "truncate",
+    "dense_window",
+    "communication_budget",
     "as_matrix",
 ]
 
@@ -62,12 +67,20 @@ class Mixer:
         the mixed leaves) each worker sends at ``step``; jittable.
       n: number of workers the mixer is built for (``None`` = any).
       name: short human-readable description.
+      expected: ``expected(step, n) -> [n]``, the expectation of ``sends`` over the
+        mixer's randomness (``None``: ``sends`` is deterministic).
     """
 
     fn: Callable[[PyTree, jax.Array], PyTree]
     sends: Callable[[jax.Array, int], jax.Array]
     n: int | None
     name: str
+    expected: Callable[[jax.Array, int], jax.Array] | None = None
+
+    def expected_sends(self, step, n: int) -> jax.Array:
+        """Expected messages per worker at ``step`` (``[n]``)."""
+        f = self.sends if self.expected is None else self.expected
+        return f(jnp.asarray(step, jnp.int32), n)
 
     def __call__(self, tree: PyTree, step) -> PyTree:
         if self.n is not None:
@@ -216,7 +229,11 @@ def time_varying(
     def sends(step, n):
         return jax.lax.switch(step % T, [partial(m.sends, n=n) for m in mixers], step)
 
-    return Mixer(fn, sends, ns.pop() if ns else None, f"time_varying(T={T})")
+    def expected(step, n):
+        branches = [partial(m.expected_sends, n=n) for m in mixers]
+        return jax.lax.switch(step % T, branches, step)
+
+    return Mixer(fn, sends, ns.pop() if ns else None, f"time_varying(T={T})", expected)
 
 
 def every(H: int, mix: MixingFn) -> Mixer:
@@ -242,7 +259,10 @@ def every(H: int, mix: MixingFn) -> Mixer:
     def sends(step, n):
         return jnp.where((step + 1) % H == 0, inner.sends(step // H, n), 0.0)
 
-    return Mixer(fn, sends, inner.n, f"every({H}, {inner.name})")
+    def expected(step, n):
+        return jnp.where((step + 1) % H == 0, inner.expected_sends(step // H, n), 0.0)
+
+    return Mixer(fn, sends, inner.n, f"every({H}, {inner.name})", expected)
 
 
 def schedule(boundaries: Sequence[int], mixers: Sequence) -> Mixer:
@@ -279,7 +299,12 @@ def schedule(boundaries: Sequence[int], mixers: Sequence) -> Mixer:
     def sends(step, n):
         return jax.lax.switch(branch(step), [partial(m.sends, n=n) for m in ms], step)
 
-    return Mixer(fn, sends, ns.pop() if ns else None, f"schedule({list(b)})")
+    def expected(step, n):
+        branches = [partial(m.expected_sends, n=n) for m in ms]
+        return jax.lax.switch(branch(step), branches, step)
+
+    name = f"schedule({list(b)})"
+    return Mixer(fn, sends, ns.pop() if ns else None, name, expected)
 
 
 def _matching(n: int, key: jax.Array, p: float) -> jax.Array:
@@ -325,7 +350,10 @@ def random_matching(n: int, seed: int = 0, p: float = 1.0) -> Mixer:
     def sends(step, n_):
         return (partner(step) != jnp.arange(n)).astype(jnp.float32)
 
-    return Mixer(fn, sends, n, f"random_matching(n={n}, p={p})")
+    def expected(step, n_):  # a worker is in one of the n // 2 pairs, kept w.p. p
+        return jnp.full((n,), p * 2 * (n // 2) / n, jnp.float32)
+
+    return Mixer(fn, sends, n, f"random_matching(n={n}, p={p})", expected)
 
 
 def chebyshev_coefficients(lam: float, rounds: int) -> list[tuple[float, float]]:
@@ -410,7 +438,10 @@ def chebyshev(
     def sends(step, n):
         return len(coefs) * base_m.sends(step, n)
 
-    return Mixer(fn, sends, base_m.n, name)
+    def expected(step, n):
+        return len(coefs) * base_m.expected_sends(step, n)
+
+    return Mixer(fn, sends, base_m.n, name, expected)
 
 
 def _affine(a: float, w: jax.Array, b: float, p: jax.Array) -> jax.Array:
@@ -489,4 +520,224 @@ def masked(mix: MixingFn, mask: PyTree) -> Mixer:
         ]
         return jax.tree.unflatten(treedef, out)
 
-    return Mixer(fn, inner.sends, inner.n, f"masked({inner.name})")
+    return Mixer(fn, inner.sends, inner.n, f"masked({inner.name})", inner.expected)
+
+
+def random_pull(n: int, r: float, seed: int = 0) -> Mixer:
+    """Row-stochastic random pull gossip with connectivity ``r`` (the paper's code).
+
+    At step ``t`` (randomness from ``fold_in(key(seed), t)``) every worker ``k``
+    pulls from ``k_k = floor(r) + Bernoulli(r - floor(r))`` peers drawn uniformly
+    without replacement from the others and averages uniformly over itself and
+    them: ``W_kk = W_kj = 1 / (k_k + 1)``. ``r = 1`` with ``p`` mixing: row ``k`` is
+    ``e_k`` w.p. ``1 - p`` else ``(e_k + e_j) / 2``; ``r = n - 1`` gives exactly
+    ``J``. Rows sum to one but columns do not: this gossip does NOT preserve the
+    worker mean (use :func:`random_matching` for the doubly-stochastic version).
+    Messages: each pull is one message from the peer, so a worker sends ``r``
+    messages per step in expectation.
+
+    The rule for non-integer ``r > 1`` is reconstructed from the method family.
+    """
+    n = int(n)
+    if n < 2:
+        raise ValueError(f"random_pull: needs n >= 2 workers, got {n}.")
+    if not 0.0 <= r <= n - 1:
+        raise ValueError(
+            f"random_pull: connectivity r must be in [0, n - 1] = [0, {n - 1}], "
+            f"got {r}."
+        )
+    key = jax.random.key(seed)
+    base, frac = int(np.floor(r)), float(r - np.floor(r))
+    eye = jnp.eye(n, dtype=jnp.float32)
+
+    def adjacency(step):
+        k_sel, k_extra = jax.random.split(jax.random.fold_in(key, step))
+        u = jax.random.uniform(k_sel, (n, n))
+        u = jnp.where(eye > 0, jnp.inf, u)  # never pick yourself
+        rank = jnp.argsort(jnp.argsort(u, axis=1), axis=1)
+        k = base + jax.random.bernoulli(k_extra, frac, (n,)).astype(jnp.int32)
+        return (rank < k[:, None]).astype(jnp.float32)  # A[k, j] = 1: k pulls j
+
+    def matrix(step):
+        A = adjacency(step)
+        return (A + eye) / (1.0 + jnp.sum(A, axis=1, keepdims=True))
+
+    def fn(tree, step):
+        W = matrix(step)
+        return jax.tree.map(lambda x: _matmul_leaf(W, x), tree)
+
+    def sends(step, n_):
+        return jnp.sum(adjacency(step), axis=0)  # column j: how many pulled from j
+
+    def expected(step, n_):
+        return jnp.full((n,), float(r), jnp.float32)
+
+    return Mixer(fn, sends, n, f"random_pull(n={n}, r={r})", expected)
+
+
+def connectivity(n: int, r: float, *, seed: int = 0, mode: str = "pairing") -> Mixer:
+    """The mixer of connectivity ``r`` (extra peers per worker per round).
+
+    ``r = 0``: :func:`identity`; ``r >= n - 1``: exact averaging :func:`complete`;
+    otherwise ``mode="pairing"`` (default, doubly stochastic, needs ``r <= 1``):
+    :func:`random_matching` with keep probability ``p = r``; ``mode="pull"``:
+    :func:`random_pull` (row-stochastic, the paper's code).
+    """
+    n = int(n)
+    if mode not in ("pairing", "pull"):
+        raise ValueError(
+            f"connectivity: mode must be 'pairing' or 'pull', got {mode!r}."
+        )
+    if r < 0:
+        raise ValueError(f"connectivity: r must be >= 0, got {r}.")
+    if r == 0:
+        return identity()
+    if r >= n - 1:
+        return complete(n)
+    if mode == "pull":
+        return random_pull(n, r, seed)
+    if r > 1:
+        raise ValueError(
+            f"connectivity: pairing gossip gives at most one peer per round (r <= 1), "
+            f"got r={r}; use mode='pull' or r = n - 1 for exact averaging."
+        )
+    return random_matching(n, seed, p=float(r))
+
+
+def _round_of_progress(pi: float, max_steps: int, H: int) -> int:
+    """First round ``rho`` whose last step has progress ``(rho + 1) H / T >= pi``."""
+    return max(0, int(np.ceil(pi * max_steps / H - 1e-9)) - 1)
+
+
+def _check_rounds(max_steps: int, H: int, name: str) -> int:
+    if int(H) < 1 or int(max_steps) < 1 or max_steps % H:
+        raise ValueError(
+            f"{name}: max_steps={max_steps} must be a positive multiple of H={H}."
+        )
+    return max_steps // H
+
+
+def truncate(
+    n: int,
+    r_start: float,
+    r_end: float,
+    point1: float,
+    *,
+    max_steps: int,
+    H: int = 1,
+    seed: int = 0,
+    mode: str = "pairing",
+) -> Mixer:
+    """Sparse gossip, then dense: connectivity ``r_start`` while the progress of a
+    round's last step ``pi = (rho + 1) H / T < point1``, ``r_end`` afterwards.
+
+    Gossip happens every ``H`` steps (``every(H, ...)``); the final round always uses
+    ``r_end`` (``pi = 1 >= point1``). Single final merge: ``r_end = n - 1``, e.g.
+    ``truncate(16, 0.2, 15, 0.997, max_steps=3000, H=20)``.
+    """
+    rounds = _check_rounds(max_steps, H, "truncate")
+    if not 0.0 < point1 <= 1.0:
+        raise ValueError(f"truncate: point1 must be in (0, 1], got {point1}.")
+    switch = _round_of_progress(point1, max_steps, H)
+    inner = schedule(
+        [switch],
+        [
+            connectivity(n, r_start, seed=seed, mode=mode),
+            connectivity(n, r_end, seed=seed, mode=mode),
+        ],
+    )
+    m = every(H, inner)
+    name = f"truncate(r={r_start}->{r_end} at round {switch}/{rounds}, H={H})"
+    return dataclasses.replace(m, name=name)
+
+
+def dense_window(
+    n: int,
+    start: float,
+    length: float,
+    *,
+    r_sparse: float,
+    r_dense: float | None = None,
+    max_steps: int,
+    H: int = 1,
+    seed: int = 0,
+    mode: str = "pairing",
+) -> Mixer:
+    """Connectivity ``r_dense`` (default ``n - 1``: exact averaging) for rounds whose
+    progress ``pi = (rho + 1) H / T`` lies in ``[start, start + length)``,
+    ``r_sparse`` elsewhere; gossip every ``H`` steps (the code's ``truncate_v2``)."""
+    _check_rounds(max_steps, H, "dense_window")
+    if not (0.0 <= start < 1.0 and 0.0 < length <= 1.0):
+        raise ValueError(
+            "dense_window: need 0 <= start < 1 and 0 < length <= 1, got "
+            f"start={start}, length={length}."
+        )
+    r_dense = n - 1 if r_dense is None else r_dense
+    a = _round_of_progress(start, max_steps, H) if start > 0 else 0
+    b = _round_of_progress(start + length, max_steps, H) if start + length < 1 else None
+    sparse_m = connectivity(n, r_sparse, seed=seed, mode=mode)
+    dense_m = connectivity(n, r_dense, seed=seed, mode=mode)
+    if b is None:
+        inner = schedule([a], [sparse_m, dense_m]) if a > 0 else dense_m
+    elif a == 0:
+        inner = schedule([b], [dense_m, sparse_m])
+    else:
+        inner = schedule([a, b], [sparse_m, dense_m, sparse_m])
+    m = every(H, inner)
+    return dataclasses.replace(m, name=f"dense_window({start}, {length}, H={H})")
+
+
+def communication_budget(
+    mix: MixingFn, num_steps: int, n: int, params: PyTree | None = None
+) -> dict[str, float]:
+    """Expected and realized peer exchanges of ``mix`` over steps ``0..T-1``.
+
+    Realized counts replay the mixer's own randomness (the same draws a run makes);
+    expected counts average over it analytically. With ``params`` (worker-axis
+    tree) the floats sent are ``exchanges * d`` with ``d`` the parameters per
+    worker.
+
+    Returns:
+      ``{"expected_exchanges_per_worker", "realized_exchanges_per_worker",
+      "floats_sent_per_worker"(if params), "steps"}``, means over workers.
+    """
+    m = _as_mixer(mix)
+    chunk = 1024
+
+    @jax.jit
+    def totals(start):
+        def body(c, t):
+            return (c[0] + m.sends(t, n), c[1] + m.expected_sends(t, n)), None
+
+        z = jnp.zeros((n,), jnp.float32)
+        ts = start + jnp.arange(chunk, dtype=jnp.int32)
+        return jax.lax.scan(body, (z, z), ts)[0]
+
+    # float32 sums within chunks of 1024 steps, float64 across chunks
+    realized, expected = np.zeros(n), np.zeros(n)
+    for start in range(0, int(num_steps), chunk):
+        r, e = totals(jnp.int32(start))
+        keep = min(chunk, int(num_steps) - start)
+        if keep < chunk:  # recount the last partial chunk exactly
+            r, e = _partial_totals(m, start, keep, n)
+        realized += np.asarray(r, np.float64)
+        expected += np.asarray(e, np.float64)
+    out = {
+        "steps": int(num_steps),
+        "expected_exchanges_per_worker": float(expected.mean()),
+        "realized_exchanges_per_worker": float(realized.mean()),
+    }
+    if params is not None:
+        out["floats_sent_per_worker"] = float(realized.mean()) * jtree.num_params(
+            params
+        )
+    return out
+
+
+def _partial_totals(m: Mixer, start: int, length: int, n: int):
+    def body(c, t):
+        return (c[0] + m.sends(t, n), c[1] + m.expected_sends(t, n)), None
+
+    z = jnp.zeros((n,), jnp.float32)
+    ts = start + jnp.arange(length, dtype=jnp.int32)
+    return jax.jit(lambda ts: jax.lax.scan(body, (z, z), ts)[0])(ts)

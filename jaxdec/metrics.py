@@ -380,7 +380,8 @@ def evaluator(
     Keys: ``local_acc_mean = mean_i acc_i``, ``local_acc_min = min_i acc_i``,
     ``local_loss_mean = mean_i loss_i`` (each worker's model on the test set, see
     :func:`evaluate_local`), ``avg_model_acc`` / ``avg_model_loss`` (the averaged
-    model ``x_bar``, :func:`evaluate_averaged`), and
+    model ``x_bar``, :func:`evaluate_averaged`), ``mergeability_gap =
+    avg_model_acc - local_acc_mean``, and
     ``consensus_distance = (1/n) sum_i ||x_i - x_bar||^2``.
 
     Args:
@@ -417,6 +418,7 @@ def evaluator(
             "local_loss_mean": jnp.mean(loss),
             "avg_model_acc": avg_acc,
             "avg_model_loss": avg_loss,
+            "mergeability_gap": avg_acc - jnp.mean(acc),
             "consensus_distance": consensus_distance(params),
         }
 

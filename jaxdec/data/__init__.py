@@ -41,6 +41,7 @@ from jaxdec.data.partition import (
     test_split_like,
 )
 from jaxdec.data.readers import read_cifar10_batch, read_idx, read_libsvm
+from jaxdec.data.resample import dirichlet_proportions, label_resample_sampler
 from jaxdec.data.synthetic import (
     heterogeneous_classification,
     heterogeneous_quadratics,
@@ -58,6 +59,8 @@ from jaxdec.data.worker_data import (
 )
 
 __all__ = [
+    "dirichlet_proportions",
+    "label_resample_sampler",
     "Dataset",
     "FASHION_MNIST_DIRS",
     "load_digits",
