@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +100,11 @@ def messages_sent(mix: MixingFn, step, n: int) -> jax.Array:
     if isinstance(mix, Mixer):
         return mix.sends(jnp.asarray(step, jnp.int32), n)
     return jnp.zeros((n,), jnp.float32)
+
+
+def _at(f: Callable[[jax.Array, int], jax.Array], n: int):
+    """``step -> f(step, n)`` (a ``lax.switch`` branch for a message counter)."""
+    return lambda step: f(step, n)
 
 
 def _no_sends(step: jax.Array, n: int) -> jax.Array:
@@ -227,10 +231,10 @@ def time_varying(
         return jax.lax.switch(step % T, [m.fn for m in mixers], tree, step)
 
     def sends(step, n):
-        return jax.lax.switch(step % T, [partial(m.sends, n=n) for m in mixers], step)
+        return jax.lax.switch(step % T, [_at(m.sends, n) for m in mixers], step)
 
     def expected(step, n):
-        branches = [partial(m.expected_sends, n=n) for m in mixers]
+        branches = [_at(m.expected_sends, n) for m in mixers]
         return jax.lax.switch(step % T, branches, step)
 
     return Mixer(fn, sends, ns.pop() if ns else None, f"time_varying(T={T})", expected)
@@ -297,10 +301,10 @@ def schedule(boundaries: Sequence[int], mixers: Sequence) -> Mixer:
         return jax.lax.switch(branch(step), [m.fn for m in ms], tree, step)
 
     def sends(step, n):
-        return jax.lax.switch(branch(step), [partial(m.sends, n=n) for m in ms], step)
+        return jax.lax.switch(branch(step), [_at(m.sends, n) for m in ms], step)
 
     def expected(step, n):
-        branches = [partial(m.expected_sends, n=n) for m in ms]
+        branches = [_at(m.expected_sends, n) for m in ms]
         return jax.lax.switch(branch(step), branches, step)
 
     name = f"schedule({list(b)})"

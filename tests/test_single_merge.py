@@ -235,3 +235,20 @@ def test_evaluator_reports_mergeability_gap():
     assert float(out["mergeability_gap"]) == pytest.approx(
         float(out["avg_model_acc"] - out["local_acc_mean"]), abs=1e-6
     )
+
+
+def test_scheduled_random_mixers_count_messages_inside_dsgd():
+    """Random mixers nested in schedules report their messages through Info."""
+    n, H = 8, 2
+    mix = G.truncate(n, 1.0, n - 1, 0.8, max_steps=8, H=H, seed=0)
+    algo = jd.algorithms.dsgd(_lsq, optax.sgd(0.1), mix)
+    state = algo.init({"w": jnp.zeros((n, 3))})
+    batch = (jnp.ones((n, 2, 3)), jnp.ones((n, 2)))
+    sent = []
+    step = jax.jit(algo.step)
+    for t in range(8):
+        state, info = step(state, batch, jax.random.key(t))
+        sent.append(float(info.floats_sent))
+    # odd steps end a round: rounds 0-2 pair every worker (1 message of 3 floats),
+    # the last round (progress 1 >= 0.8; round 2 has 0.75) averages exactly
+    assert sent == [0, 3, 0, 3, 0, 3, 0, 3 * (n - 1)]
