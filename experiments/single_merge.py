@@ -1,8 +1,8 @@
 """Single global merging: sparse gossip + one final merge vs server-based training.
 
 Reproduces the small-scale experiment of the single-merge spec sheet, section 5
-(Zhu et al., arXiv:2507.06542): m = 16 agents, MLP 784-200-200-10, Fashion-MNIST with the
-label-resampling protocol (agent k draws q_k ~ Dir(alpha) once and every step b = 64
+(Zhu et al., arXiv:2507.06542): m = 16 agents, MLP 784-200-200-10, Fashion-MNIST with
+the label-resampling protocol (agent k draws q_k ~ Dir(alpha) once and every step b = 64
 labels from q_k, each with a random training example of that class), H = 20 local steps
 per round, 150 rounds, SGD lr 0.01 with momentum 0.9 and weight decay 5e-4, shared init.
 
