@@ -1,6 +1,5 @@
-"""The notebooks run top to bottom (at small sizes)."""
+"""Every notebook runs top to bottom (at small sizes) without an error."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,7 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes(path, monkeypatch):
+def _execute(path: Path, monkeypatch):
     monkeypatch.setenv("JAXDEC_NB_STEPS", "60")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     nb = nbformat.read(path, as_version=4)
@@ -22,7 +20,22 @@ def test_notebook_executes(path, monkeypatch):
         kernel_name="python3",
         resources={"metadata": {"path": str(path.parent)}},
     )
-    client.execute()
+    client.execute()  # raises CellExecutionError on the first failing cell
+    return nb
+
+
+def _text(nb) -> str:
+    return "".join(
+        o.get("text", "") + o.get("data", {}).get("text/plain", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_executes(path, monkeypatch):
+    nb = _execute(path, monkeypatch)
     errors = [
         o
         for c in nb.cells
@@ -31,7 +44,8 @@ def test_notebook_executes(path, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors
-    # the tour's first result is a metrics dict with a sensible accuracy
-    text = "".join(o.get("data", {}).get("text/plain", "") for o in nb.cells[3].outputs)
-    assert "avg_model_acc" in text
-    assert os.environ.get("JAXDEC_NB_STEPS") == "60"
+    assert _text(nb).strip(), "the notebook produced no output"
+    if path.name == "quickstart.ipynb":
+        assert "avg_model_acc" in _text(nb)
+    if path.name == "single_merge.ipynb":
+        assert "training state unchanged: True" in _text(nb)
