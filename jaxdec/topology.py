@@ -43,6 +43,7 @@ __all__ = [
     "neighbor_lists",
     "TOPOLOGIES",
     "by_name",
+    "parametrized_mixing",
 ]
 
 MIXING_RULES = ("metropolis", "max_degree", "uniform")
@@ -192,7 +193,15 @@ def from_edges(n: int, edges: Sequence[tuple[int, int]]) -> nx.Graph:
     n = _check_n(n)
     G = nx.Graph()
     G.add_nodes_from(range(n))
-    for i, j in edges:
+    for e in edges:
+        if len(e) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in e
+        ):
+            raise ValueError(
+                f"from_edges: edge {e!r} is not a pair of integer node ids; pass "
+                "edges as [(i, j), ...] with ints in 0..n-1."
+            )
+        i, j = e
         if not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"from_edges: edge ({i}, {j}) is outside 0..{n - 1}.")
         if i != j:
@@ -364,6 +373,8 @@ def second_largest_eigenvalue(W) -> float:
     ``max(|lambda_2|, |lambda_n|)``; in general the spectral norm of ``W - J``.
     """
     W = np.asarray(W, dtype=np.float64)
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"W must be a square (n, n) matrix, got shape {W.shape}.")
     n = W.shape[0]
     if n == 1:
         return 0.0
@@ -390,6 +401,10 @@ def neighbor_lists(W) -> tuple[np.ndarray, np.ndarray]:
       ``(W x)_i = sum_k w[i, k] x[idx[i, k]]``.
     """
     W = np.asarray(W, dtype=np.float64)
+    if W.ndim != 2 or W.shape[0] != W.shape[1] or W.shape[0] == 0:
+        raise ValueError(
+            f"neighbor_lists: W must be a square (n, n) matrix, got shape {W.shape}."
+        )
     n = W.shape[0]
     nz = [np.flatnonzero(W[i]) for i in range(n)]
     k = max(len(r) for r in nz)
@@ -399,3 +414,22 @@ def neighbor_lists(W) -> tuple[np.ndarray, np.ndarray]:
         idx[i, : len(r)] = r
         w[i, : len(r)] = W[i, r]
     return idx.astype(np.int32), w
+
+
+def parametrized_mixing(G: nx.Graph, theta: np.typing.ArrayLike):
+    """Learnable symmetric doubly-stochastic ``W`` on the edges of ``G``.
+
+    Thin lazy wrapper of :func:`jaxdec.hyper.parametrized_mixing` (see there for
+    the construction ``W_ij = sigmoid(theta_e) / max(d_i, d_j)``, the edge order
+    and the guarantees); imported on first use so this module stays NumPy-only.
+
+    Args:
+      G: connected undirected graph on ``0..n-1``.
+      theta: ``[m]`` real edge parameters in ``jd.hyper.edge_list(G)`` order.
+
+    Returns:
+      ``W`` as a ``jax.Array`` ``(n, n)``, differentiable in ``theta``.
+    """
+    from jaxdec.hyper import parametrized_mixing as _parametrized_mixing
+
+    return _parametrized_mixing(G, theta)

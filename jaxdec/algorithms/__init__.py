@@ -6,8 +6,22 @@ from jaxdec.algorithms.gradient_tracking import (
     GradientTrackingState,
     gradient_tracking,
 )
+from jaxdec.algorithms.prox_tracking import (
+    ProxDSGDInfo,
+    ProxDSGDState,
+    ProxGTInfo,
+    ProxGTState,
+    prox_dsgd,
+    proxgt,
+)
 
 __all__ = [
+    "ProxDSGDInfo",
+    "ProxDSGDState",
+    "ProxGTInfo",
+    "ProxGTState",
+    "prox_dsgd",
+    "proxgt",
     "DSGDInfo",
     "DSGDState",
     "GradientTrackingInfo",
