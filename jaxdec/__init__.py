@@ -7,6 +7,7 @@
 
 from jaxdec import (
     algorithms,
+    checkpoint,
     data,
     gossip,
     hyper,
@@ -27,6 +28,7 @@ __all__ = [
     "History",
     "MixingFn",
     "algorithms",
+    "checkpoint",
     "data",
     "metrics",
     "models",

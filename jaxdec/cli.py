@@ -164,8 +164,15 @@ def run_experiment(
     ds: data.Dataset | None = None,
     progress: bool = True,
     jsonl: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
 ) -> tuple[Any, History, dict[str, Any]]:
     """Build and run one experiment.
+
+    With ``checkpoint_dir`` the run is checkpointed every ``checkpoint_every``
+    evaluation periods (see :func:`jaxdec.run`); ``resume=True`` continues from the
+    newest checkpoint there, bit-identically to an uninterrupted run.
 
     Returns:
       ``(final_state, history, summary)`` where ``summary`` holds the final
@@ -183,6 +190,9 @@ def run_experiment(
         progress=progress,
         desc=cfg.name(),
         jsonl=jsonl,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
     final = {k: float(v[-1]) for k, v in hist.eval.items()}
     summary = {
@@ -214,10 +224,14 @@ def quickstart(
     alpha: float = 0.5,
     progress: bool = True,
     seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     """D-SGD on digits over ring / exponential / complete (+ gradient tracking on
     the ring); prints a table and writes ``metrics.jsonl``, ``summary.json`` and
-    ``plot.png`` to ``out_dir``."""
+    ``plot.png`` to ``out_dir``. With ``checkpoint_dir`` each run checkpoints into
+    its own subfolder ``<k>`` and ``resume=True`` picks every run up where it
+    stopped (finished runs are read back from their final checkpoint)."""
     from jaxdec.plotting import plot_runs
 
     out = Path(out_dir)
@@ -226,9 +240,12 @@ def quickstart(
     ds = load_dataset(base)
     histories, summaries = {}, []
     with open(out / "metrics.jsonl", "w") as f:
-        for overrides in QUICKSTART_RUNS:
+        for k, overrides in enumerate(QUICKSTART_RUNS):
             cfg = dataclasses.replace(base, **overrides)
-            _, hist, summary = run_experiment(cfg, ds=ds, progress=progress)
+            ck = None if checkpoint_dir is None else Path(checkpoint_dir) / str(k)
+            _, hist, summary = run_experiment(
+                cfg, ds=ds, progress=progress, checkpoint_dir=ck, resume=resume
+            )
             histories[cfg.name()] = hist
             summaries.append(summary)
             for rec in hist.records():
@@ -292,6 +309,18 @@ def _config_from_args(args: argparse.Namespace) -> ExperimentConfig:
     return ExperimentConfig(**values)
 
 
+def _checkpoint_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--checkpoint-dir",
+        help="write checkpoints (state, key, step, history) into this folder",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest checkpoint in --checkpoint-dir",
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``jaxdec`` console script."""
     p = argparse.ArgumentParser(prog="jaxdec", description=__doc__.splitlines()[0])
@@ -302,6 +331,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("--workers", type=int, default=16)
     q.add_argument("--alpha", type=float, default=0.5)
     q.add_argument("--no-progress", action="store_true")
+    _checkpoint_flags(q)
     r = sub.add_parser("run", help="one experiment from a JSON config and/or flags")
     r.add_argument("config", nargs="?", help="JSON file of ExperimentConfig fields")
     for f in dataclasses.fields(ExperimentConfig):
@@ -311,9 +341,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         typ = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         r.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ)
     r.add_argument("--out", help="folder for metrics.jsonl and summary.json")
+    r.add_argument("--no-progress", action="store_true")
+    _checkpoint_flags(r)
+    r.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="checkpoint period in evaluation periods (default 1)",
+    )
     t = sub.add_parser("topologies", help="list topologies with spectral gaps")
     t.add_argument("-n", type=int, default=16)
     args = p.parse_args(argv)
+    if getattr(args, "resume", False) and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
     try:
         if args.cmd == "quickstart":
             quickstart(
@@ -322,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n_workers=args.workers,
                 alpha=args.alpha,
                 progress=not args.no_progress,
+                checkpoint_dir=args.checkpoint_dir,
+                resume=args.resume,
             )
         elif args.cmd == "run":
             cfg = _config_from_args(args)
@@ -329,7 +371,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if out:
                 out.mkdir(parents=True, exist_ok=True)
             _, _, summary = run_experiment(
-                cfg, jsonl=out / "metrics.jsonl" if out else None
+                cfg,
+                jsonl=out / "metrics.jsonl" if out else None,
+                progress=not args.no_progress,
+                checkpoint_dir=args.checkpoint_dir,
+                checkpoint_every=args.checkpoint_every,
+                resume=args.resume,
             )
             print(format_table([summary]))
             if out:

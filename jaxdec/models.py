@@ -157,6 +157,7 @@ class MLP(nn.Module):
     example_ndim: int | None = None
 
     def setup(self) -> None:
+        _check_widths("MLP", {"num_classes": self.num_classes}, self.hidden)
         self.body = MLPBody(
             hidden=tuple(self.hidden),
             activation=self.activation,
@@ -196,6 +197,7 @@ class LeNet5(nn.Module):
     image_shape: tuple[int, int, int] | None = None
 
     def setup(self) -> None:
+        _check_widths("LeNet5", {"num_classes": self.num_classes}, ())
         self.body = LeNetBody(activation=self.activation, image_shape=self.image_shape)
         self.head = nn.Dense(self.num_classes)
 
@@ -210,6 +212,17 @@ class LeNet5(nn.Module):
 
 CNN = LeNet5
 """Alias of :class:`LeNet5`."""
+
+
+def _check_widths(model: str, sizes: dict[str, int], hidden: Sequence[int]) -> None:
+    """Raise ``ValueError`` for a layer width that is not a positive integer."""
+    items = list(sizes.items()) + [(f"hidden[{i}]", w) for i, w in enumerate(hidden)]
+    for name, v in items:
+        if isinstance(v, bool) or not isinstance(v, (int, jnp.integer)) or v < 1:
+            raise ValueError(
+                f"{model}: {name} must be an integer >= 1, got {v!r}; e.g. "
+                f"{model}(num_classes=10)."
+            )
 
 
 def init_workers(

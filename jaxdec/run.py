@@ -166,6 +166,10 @@ def run(
     reduce_info: Callable[[Any], dict[str, jax.Array]] = summarize_info,
     on_nonfinite: str = "stop",
     start_step: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1,
+    keep_checkpoints: int = 3,
+    resume: bool = False,
 ) -> tuple[PyTree, History]:
     """Run ``num_steps`` steps of ``algo`` from ``state``.
 
@@ -191,18 +195,62 @@ def run(
       on_nonfinite: ``"stop"`` (stop after the chunk, keep the last state and set
         ``History.diverged_at``), ``"raise"`` (raise :class:`Diverged`) or
         ``"ignore"``.
-      start_step: index of the first step (to resume a run).
+      start_step: index of the first step (to resume a run by hand).
+      checkpoint_dir: if given, write a checkpoint (state incl. optimizer states,
+        the run key, the step and the history so far; see :mod:`jaxdec.checkpoint`)
+        into this folder every ``checkpoint_every`` chunks and at the end. A chunk
+        whose final state holds a non-finite value is never checkpointed, so after
+        a divergence the newest checkpoint is the last good state.
+      checkpoint_every: checkpoint period in chunks (of ``eval_every`` steps).
+      keep_checkpoints: number of newest checkpoints kept.
+      resume: continue from the newest valid checkpoint in ``checkpoint_dir`` (a
+        fresh start if there is none). ``state`` is then only the template of the
+        state's structure; the resumed trajectory, history and final state are bit
+        for bit those of an uninterrupted run with the same arguments. A corrupt
+        checkpoint is skipped (with a message) for the one before it.
+
+    Divergence: with ``optax.apply_if_finite(opt, max_consecutive_errors)`` as the
+    optimizer a worker skips updates whose gradient is non-finite; its loss is still
+    reported non-finite, so pair it with ``on_nonfinite="ignore"``.
 
     Returns:
       ``(final_state, history)``.
+
+    Raises:
+      ValueError: bad arguments, a ``checkpoint_dir`` that already holds checkpoints
+        without ``resume=True``, or a checkpoint that does not match this run.
+      Diverged: non-finite values with ``on_nonfinite="raise"``.
     """
     num_steps = _positive_int(num_steps, "num_steps")
+    _check_run_args(algo, sampler, key, eval_fn)
     chunk_len = min(num_steps, 100) if eval_every is None else eval_every
     chunk_len = _positive_int(chunk_len, "eval_every")
     if on_nonfinite not in ("stop", "raise", "ignore"):
         raise ValueError(
             f"on_nonfinite must be 'stop', 'raise' or 'ignore', got {on_nonfinite!r}."
         )
+    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir=<folder of checkpoints>.")
+    start_step = int(start_step)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
+    end = start_step + num_steps
+    ckpt, restored = None, None
+    if checkpoint_dir is not None:
+        from jaxdec import checkpoint as jckpt
+
+        existing = jckpt.all_steps(checkpoint_dir)
+        if existing and not resume:
+            raise ValueError(
+                f"{checkpoint_dir} already holds checkpoints (steps {existing[-3:]}); "
+                "pass resume=True to continue from the newest, or use an empty folder."
+            )
+        if resume:
+            restored = _restore_latest(
+                jckpt, checkpoint_dir, state, key, start_step, end, existing
+            )
+        ckpt = jckpt.Checkpointer(checkpoint_dir, keep_checkpoints)
     chunks = {}
 
     def compiled(length):
@@ -223,8 +271,28 @@ def run(
             eval_rows.append({k: float(v) for k, v in eval_jit(s).items()})
 
     bar = _progress_bar(num_steps, desc, progress)
-    do_eval(state, start_step)
-    t, end = start_step, start_step + num_steps
+    t = start_step
+    if restored is None:
+        do_eval(state, start_step)
+    else:
+        state, t = restored.tree["state"], restored.step
+        old = restored.history
+        if old is not None:
+            if old.train:
+                train_parts.append(dict(old.train))
+            eval_steps.extend(int(v) for v in old.eval_steps)
+            eval_rows.extend(
+                {k: float(v[i]) for k, v in old.eval.items()}
+                for i in range(len(old.eval_steps))
+            )
+            hist.wall_time.extend(old.wall_time)
+        bar.update(t - start_step)
+
+    def history_so_far() -> History:
+        h = History(wall_time=list(hist.wall_time))
+        _fill_history(h, train_parts, eval_steps, eval_rows)
+        return h
+
     try:
         while t < end:
             length = min(chunk_len, end - t)
@@ -248,12 +316,40 @@ def run(
                         f"workers {hist.diverged_workers[:20]}; lower the learning "
                         "rate or add optax.clip_by_global_norm."
                     )
+                    if ckpt is not None:
+                        last = jckpt.latest_step(checkpoint_dir)
+                        msg += (
+                            f" Last good checkpoint: step {last} in {checkpoint_dir}."
+                        )
                     if on_nonfinite == "raise":
                         raise Diverged(msg)
                     bar.write("jaxdec.run: stopping: " + msg)
                     break
+            n_chunks = -(-(t - start_step) // chunk_len)
+            if ckpt is not None and (n_chunks % checkpoint_every == 0 or t == end):
+                if _tree_finite(state):
+                    ckpt.save(
+                        t,
+                        {"state": state, "key": key},
+                        history=history_so_far(),
+                        metadata={"start_step": start_step, "eval_every": chunk_len},
+                    )
+                else:
+                    bar.write(
+                        f"jaxdec.run: state at step {t} holds non-finite values; not "
+                        "checkpointed (the previous checkpoint is the last good one)."
+                    )
     finally:
         bar.close()
+        if ckpt is not None:
+            ckpt.close()
+    _fill_history(hist, train_parts, eval_steps, eval_rows)
+    if jsonl is not None:
+        hist.to_jsonl(jsonl)
+    return state, hist
+
+
+def _fill_history(hist: History, train_parts, eval_steps, eval_rows) -> None:
     if train_parts:
         hist.train = {
             k: np.concatenate([p[k] for p in train_parts]) for k in train_parts[0]
@@ -261,9 +357,61 @@ def run(
     hist.eval_steps = np.asarray(eval_steps, dtype=np.int64)
     if eval_rows:
         hist.eval = {k: np.asarray([r[k] for r in eval_rows]) for k in eval_rows[0]}
-    if jsonl is not None:
-        hist.to_jsonl(jsonl)
-    return state, hist
+
+
+def _tree_finite(tree: PyTree) -> bool:
+    """Host check: every floating leaf of ``tree`` is finite."""
+    for leaf in jax.tree.leaves(tree):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            continue
+        a = np.asarray(jax.device_get(leaf))
+        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
+            return False
+    return True
+
+
+def _restore_latest(jckpt, directory, state, key, start_step, end, steps):
+    """Newest valid checkpoint of this run in ``directory`` (``None`` if none)."""
+    import sys
+
+    for s in reversed(steps):
+        if s > end:
+            raise ValueError(
+                f"{directory} holds a checkpoint at step {s}, past the end of this run "
+                f"(step {end}); raise num_steps or use another folder."
+            )
+        if s < start_step:
+            break
+        try:
+            got = jckpt.restore(directory, {"state": state, "key": key}, step=s)
+        except jckpt.CorruptCheckpoint as err:
+            bad = Path(directory) / str(s)
+            dest = bad.with_name(f"{s}.corrupt")
+            k = 0
+            while dest.exists():
+                k += 1
+                dest = bad.with_name(f"{s}.corrupt{k}")
+            bad.rename(dest)  # out of the way of the resumed run, kept to inspect
+            print(f"jaxdec.run: skipping: {err} Moved it to {dest}.", file=sys.stderr)
+            continue
+        saved_key = got.tree["key"]
+        same = np.array_equal(
+            np.asarray(jax.random.key_data(saved_key)),
+            np.asarray(jax.random.key_data(key)),
+        )
+        if not same:
+            raise ValueError(
+                f"the checkpoint at step {s} in {directory} was written by a run with "
+                "a different key; pass the same key to resume, or use another folder."
+            )
+        if got.metadata.get("start_step", start_step) != start_step:
+            raise ValueError(
+                f"the checkpoints in {directory} belong to a run that started at step "
+                f"{got.metadata['start_step']}, not {start_step}; pass the same "
+                "start_step to resume."
+            )
+        return got
+    return None
 
 
 def run_traced(
@@ -310,6 +458,40 @@ def run_traced(
     starts = start_step + c * jnp.arange(num_steps // c, dtype=jnp.int32)
     state, summ = jax.lax.scan(outer, state, starts)
     return state, jax.tree.map(lambda v: v.reshape(num_steps, *v.shape[2:]), summ)
+
+
+def _check_run_args(algo, sampler, key, eval_fn) -> None:
+    """Raise ``ValueError`` for driver arguments that cannot work, before compiling."""
+    if not (
+        callable(getattr(algo, "init", None)) and callable(getattr(algo, "step", None))
+    ):
+        raise ValueError(
+            f"algo must be an Algorithm(init, step) such as "
+            f"jd.algorithms.dsgd(...), got {type(algo).__name__}."
+        )
+    if not callable(sampler):
+        raise ValueError(
+            "sampler must be callable sampler(key, step) -> batch, e.g. "
+            f"jd.data.make_sampler(data, batch_size); got {type(sampler).__name__}."
+        )
+    if eval_fn is not None and not callable(eval_fn):
+        raise ValueError(
+            f"eval_fn must be callable or None, got {type(eval_fn).__name__}."
+        )
+    typed = hasattr(key, "dtype") and jax.dtypes.issubdtype(
+        key.dtype, jax.dtypes.prng_key
+    )
+    raw = (
+        not typed
+        and hasattr(key, "dtype")
+        and np.dtype(key.dtype) == np.uint32
+        and tuple(np.shape(key)) == (2,)
+    )
+    if not ((typed and np.shape(key) == ()) or raw):
+        raise ValueError(
+            f"key must be one PRNG key, e.g. jax.random.key(0); got "
+            f"{type(key).__name__} {getattr(key, 'dtype', '')}{list(np.shape(key))}."
+        )
 
 
 def _positive_int(v, name: str) -> int:

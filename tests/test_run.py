@@ -209,4 +209,4 @@ def test_sampler_and_evaluator_data_are_arguments_not_constants():
     # the evaluator reads .params of a state and equals evaluating params directly
     a, b = jax.jit(lambda s, fn: fn(s))(state, ev), ev(state.params)
     for k in a:
-        np.testing.assert_allclose(a[k], b[k], rtol=1e-6)
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-6)

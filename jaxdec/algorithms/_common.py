@@ -36,6 +36,15 @@ def check_order(order: str, name: str) -> None:
         raise ValueError(f"{name}: order must be 'atc' or 'cta', got {order!r}.")
 
 
+def check_has_aux(has_aux, name: str) -> None:
+    """``has_aux`` must be a real bool (a truthy string would silently unpack)."""
+    if not isinstance(has_aux, bool):
+        raise ValueError(
+            f"{name}: has_aux must be True or False, got {has_aux!r}; pass "
+            "has_aux=True when loss_fn returns (loss, aux)."
+        )
+
+
 def worker_value_and_grad(
     loss_fn: LossFn, has_aux: bool
 ) -> Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, PyTree, PyTree]]:

@@ -93,6 +93,7 @@ def dsgd(
     """
     _common.check_factory_args(loss_fn, optimizer, mix, "dsgd")
     _common.check_order(order, "dsgd")
+    _common.check_has_aux(has_aux, "dsgd")
     value_and_grad = _common.worker_value_and_grad(loss_fn, has_aux)
 
     def init(params: PyTree) -> DSGDState:

@@ -95,6 +95,7 @@ def gradient_tracking(
     """
     _common.check_factory_args(loss_fn, optimizer, mix, "gradient_tracking")
     _common.check_order(order, "gradient_tracking")
+    _common.check_has_aux(has_aux, "gradient_tracking")
     value_and_grad = _common.worker_value_and_grad(loss_fn, has_aux)
 
     def init(params: PyTree) -> GradientTrackingState:

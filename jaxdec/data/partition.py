@@ -131,10 +131,17 @@ def dirichlet(
     n = _check_n(n, "dirichlet")
     if not np.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"dirichlet: alpha must be a finite number > 0, got {alpha}.")
-    if min_size < 0 or max_tries < 1:
+    if (
+        isinstance(min_size, bool)
+        or int(min_size) != min_size
+        or isinstance(max_tries, bool)
+        or int(max_tries) != max_tries
+        or min_size < 0
+        or max_tries < 1
+    ):
         raise ValueError(
-            f"dirichlet: need min_size >= 0 and max_tries >= 1, got {min_size}, "
-            f"{max_tries}."
+            f"dirichlet: need integers min_size >= 0 and max_tries >= 1, got "
+            f"{min_size!r}, {max_tries!r}."
         )
     if n * min_size > len(y):
         raise ValueError(

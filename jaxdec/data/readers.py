@@ -260,6 +260,13 @@ def read_libsvm(
                     ) from None
                 if i < 1:
                     raise _libsvm_error(path, lineno, f"index {i} < 1 (1-based)")
+                if i > max_bytes // 4:
+                    raise _libsvm_error(
+                        path,
+                        lineno,
+                        f"index {i} needs a dense row of {4 * i} bytes > "
+                        f"max_bytes={max_bytes} (raise max_bytes if intended)",
+                    )
                 if n_features is not None and i > n_features:
                     raise _libsvm_error(
                         path, lineno, f"index {i} > n_features={n_features}"
