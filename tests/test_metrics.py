@@ -187,6 +187,7 @@ def test_evaluator_hook(setup):
         "local_loss_mean",
         "avg_model_acc",
         "avg_model_loss",
+        "mergeability_gap",
         "consensus_distance",
     }
     loss, acc = _jit(metrics.evaluate_local, apply)(params, x, y)
@@ -196,6 +197,7 @@ def test_evaluator_hook(setup):
     np.testing.assert_allclose(out["local_loss_mean"], np.mean(loss), rtol=1e-5)
     np.testing.assert_allclose(out["avg_model_acc"], a_acc, rtol=1e-6)
     np.testing.assert_allclose(out["avg_model_loss"], a_loss, rtol=1e-5)
+    np.testing.assert_allclose(out["mergeability_gap"], a_acc - np.mean(acc), atol=1e-6)
     flat = np.concatenate(
         [np.asarray(a).reshape(N_WORKERS, -1) for a in jax.tree.leaves(params)], axis=1
     )
