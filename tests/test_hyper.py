@@ -17,17 +17,6 @@ from jaxdec.run import step_keys
 N, D, M, T = 5, 3, 30, 12
 
 
-class _x64:
-    """Enable float64 inside the block and restore the previous setting."""
-
-    def __enter__(self):
-        self._old = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", True)
-
-    def __exit__(self, *a):
-        jax.config.update("jax_enable_x64", self._old)
-
-
 def _graph():
     # ring(5) plus a chord: degrees (3, 2, 3, 2, 2), so edge caps differ
     return topology.from_edges(N, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 0), (0, 2)])
@@ -119,7 +108,7 @@ def test_unroll_matches_numpy_momentum_dsgd_loop():
 def test_hypergradients_match_central_finite_differences():
     """lr, momentum, weight decay and every mixing parameter, float64."""
     G = _graph()
-    with _x64():
+    with jax.enable_x64(True):
         sampler, loss, val_loss, _ = _problem(jnp.float64)
         make_algo = _make_algo_factory(G, loss)
         x0 = {"w": jnp.zeros((N, D), jnp.float64)}
@@ -162,7 +151,7 @@ def test_hypergradients_match_central_finite_differences():
 def test_per_worker_data_weights_via_set_hyperparams_fd():
     """Per-worker lr scalings injected into an initialized state: d val / d a_i."""
     G = _graph()
-    with _x64():
+    with jax.enable_x64(True):
         sampler, loss, val_loss, _ = _problem(jnp.float64)
         W = topology.mixing_matrix(G)
         opt = hyper.inject(optax.sgd, learning_rate=0.1)
@@ -309,7 +298,7 @@ def test_parametrized_mixing_properties(gt):
 def test_parametrized_mixing_metropolis_edges_and_wrapper():
     for G in (topology.ring(6), topology.star(5), _graph(), topology.torus(9)):
         theta = hyper.metropolis_theta(G)
-        with _x64():
+        with jax.enable_x64(True):
             W = np.asarray(hyper.parametrized_mixing(G, jnp.asarray(theta)))
         np.testing.assert_allclose(W, topology.mixing_matrix(G), atol=1e-12)
         E = hyper.edge_list(G)
@@ -346,7 +335,7 @@ def test_consensus_rate_closed_form_and_bounds():
     r = np.random.default_rng(0)
     for _ in range(3):
         th = r.normal(size=G.number_of_edges()) * 2
-        with _x64():
+        with jax.enable_x64(True):
             W = np.asarray(hyper.parametrized_mixing(G, jnp.asarray(th)))
             lam = topology.second_largest_eigenvalue(W)
             for rounds, K in ((1, 1), (5, 8), (64, 64)):

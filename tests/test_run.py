@@ -109,22 +109,13 @@ def test_grad_through_run_traced_matches_finite_differences():
         a, y = data
         return jnp.mean((jnp.einsum("nmd,nd->nm", a, s.params["w"]) - y) ** 2)
 
-    with _x64():
+    with jax.enable_x64(True):
         lr = jnp.float64(0.03)
         g = jax.grad(final_loss)(lr)
         eps = 1e-5
         fd = (final_loss(lr + eps) - final_loss(lr - eps)) / (2 * eps)
     assert float(g) < 0  # a larger step helps early in training
     np.testing.assert_allclose(g, fd, rtol=2e-3)
-
-
-class _x64:
-    def __enter__(self):
-        self._old = jax.config.jax_enable_x64
-        jax.config.update("jax_enable_x64", True)
-
-    def __exit__(self, *a):
-        jax.config.update("jax_enable_x64", self._old)
 
 
 def test_divergence_stops_with_report():
