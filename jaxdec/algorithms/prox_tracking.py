@@ -350,6 +350,17 @@ def output_params(state) -> PyTree:
     return jtree.worker_mean(state.x)
 
 
+def _stationarity(full_grad, prox, stationarity_step, prox_step):
+    """``||G_a(x_bar)||^2`` oracle (``None`` without ``full_grad``); ``a`` defaults
+    to the prox step at ``t = 0``."""
+    if full_grad is None:
+        return None
+    a = stationarity_step
+    if a is None:
+        a = float(_step_at(prox_step, 0))
+    return prox_grad_mapping(full_grad, prox, a)
+
+
 def _check_common(loss_fn, prox, mix, order, name):
     if not callable(loss_fn):
         raise ValueError(
@@ -475,12 +486,7 @@ def proxgt(
     every = int(stationarity_every)
     K = mixing_rounds(mix) if rounds is None else int(rounds)
     vg = _local_value_and_grad(loss_fn, has_aux)
-    stat = None
-    if full_grad is not None:
-        a_stat = stationarity_step
-        if a_stat is None:
-            a_stat = float(_step_at(prox_step, 0))
-        stat = prox_grad_mapping(full_grad, prox, a_stat)
+    stat = _stationarity(full_grad, prox, stationarity_step, prox_step)
     vprox = jax.vmap(prox, in_axes=(0, None))
 
     def init(params: PyTree) -> ProxGTState:
@@ -654,12 +660,7 @@ def prox_dsgd(
     K = mixing_rounds(mix) if rounds is None else int(rounds)
     every = int(stationarity_every)
     vg = _local_value_and_grad(loss_fn, has_aux)
-    stat = None
-    if full_grad is not None:
-        a_stat = stationarity_step
-        if a_stat is None:
-            a_stat = float(_step_at(prox_step, 0))
-        stat = prox_grad_mapping(full_grad, prox, a_stat)
+    stat = _stationarity(full_grad, prox, stationarity_step, prox_step)
     vprox = jax.vmap(prox, in_axes=(0, None))
 
     def init(params):

@@ -70,6 +70,19 @@ def _claimed_size(dims: tuple[int, ...], dtype: np.dtype, path: Path, cap: int) 
     return nbytes
 
 
+def _read_idx_header(f, path: Path, max_bytes: int):
+    """Magic word and dimension sizes: ``(dtype, ndim, dims, data bytes claimed)``."""
+    dtype, ndim = _parse_idx_header(f.read(4), path)
+    raw_dims = f.read(4 * ndim)
+    if len(raw_dims) != 4 * ndim:
+        raise ValueError(
+            f"read_idx: {path} is truncated inside its header ({ndim} "
+            "dimension sizes expected). Re-copy the file."
+        )
+    dims = tuple(int(v) for v in np.frombuffer(raw_dims, ">u4"))
+    return dtype, ndim, dims, _claimed_size(dims, dtype, path, max_bytes)
+
+
 def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> np.ndarray:
     """Read an IDX file (the MNIST / Fashion-MNIST format), raw or gzip-compressed.
 
@@ -102,15 +115,7 @@ def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> np.ndarr
     if _is_gzip(path):
         try:
             with gzip.open(path, "rb") as f:
-                dtype, ndim = _parse_idx_header(f.read(4), path)
-                raw_dims = f.read(4 * ndim)
-                if len(raw_dims) != 4 * ndim:
-                    raise ValueError(
-                        f"read_idx: {path} is truncated inside its header ({ndim} "
-                        "dimension sizes expected). Re-copy the file."
-                    )
-                dims = tuple(int(v) for v in np.frombuffer(raw_dims, ">u4"))
-                nbytes = _claimed_size(dims, dtype, path, max_bytes)
+                dtype, ndim, dims, nbytes = _read_idx_header(f, path, max_bytes)
                 payload = f.read(nbytes + 1)
         except (OSError, EOFError, zlib.error) as err:
             raise ValueError(
@@ -126,15 +131,7 @@ def read_idx(path: str | os.PathLike, *, max_bytes: int = MAX_BYTES) -> np.ndarr
     else:
         file_size = path.stat().st_size
         with open(path, "rb") as f:
-            dtype, ndim = _parse_idx_header(f.read(4), path)
-            raw_dims = f.read(4 * ndim)
-            if len(raw_dims) != 4 * ndim:
-                raise ValueError(
-                    f"read_idx: {path} is truncated inside its header ({ndim} "
-                    "dimension sizes expected). Re-copy the file."
-                )
-            dims = tuple(int(v) for v in np.frombuffer(raw_dims, ">u4"))
-            nbytes = _claimed_size(dims, dtype, path, max_bytes)
+            dtype, ndim, dims, nbytes = _read_idx_header(f, path, max_bytes)
             expected = 4 + 4 * ndim + nbytes
             if file_size != expected:
                 what = "truncated" if file_size < expected else "has trailing bytes"
