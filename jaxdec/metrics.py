@@ -36,6 +36,9 @@ __all__ = [
     "evaluate_averaged",
     "evaluate_personalized",
     "personalized_accuracy",
+    "class_accuracy",
+    "class_weighted_accuracy",
+    "personalized_evaluator",
     "communication_volume",
     "evaluator",
 ]
@@ -307,6 +310,201 @@ def personalized_accuracy(
         example_chunk=example_chunk,
     )
     return jnp.nanmean(acc)
+
+
+def class_accuracy(
+    apply: ApplyFn,
+    params: PyTree,
+    x: jax.typing.ArrayLike,
+    y: jax.typing.ArrayLike,
+    num_classes: int,
+    *,
+    worker_chunk: int = 64,
+    example_chunk: int | None = None,
+) -> jax.Array:
+    """Per-worker, per-class accuracy on one shared test set.
+
+    .. math::
+        A_{ic} = \\frac{1}{|T_c|} \\sum_{k \\in T_c} [\\arg\\max f(x_i; a_k) = c],
+        \\qquad T_c = \\{k : b_k = c\\}
+
+    A class with no test example gets ``NaN``.
+
+    Args:
+      apply: ``apply(params_i, x_batch) -> logits`` for ONE worker.
+      params: worker-axis params (leaves ``[n, ...]``).
+      x: test inputs ``[N, ...]``.
+      y: integer test labels ``[N]`` in ``0..num_classes-1``.
+      num_classes: ``C``.
+      worker_chunk: workers evaluated in parallel per scan step.
+      example_chunk: test examples per forward pass (``None``: all at once).
+
+    Returns:
+      ``[n, C]`` float32.
+    """
+    x = jnp.asarray(x)
+    y = jnp.asarray(y, jnp.int32)
+    _check_xy(x, y, "class_accuracy")
+    if (
+        isinstance(num_classes, bool)
+        or int(num_classes) != num_classes
+        or num_classes < 1
+    ):
+        raise ValueError(
+            f"class_accuracy: num_classes must be an int >= 1, got {num_classes!r}."
+        )
+    worker_chunk = _check_chunk(worker_chunk, "worker_chunk", allow_none=False)
+    example_chunk = _check_chunk(example_chunk, "example_chunk", allow_none=True)
+    num_workers(params)
+    n_ex = y.shape[0]
+    xb, yb, vb = _blocks(x, y, jnp.ones((n_ex,), jnp.float32), example_chunk)
+    onehot = jax.nn.one_hot(yb, num_classes, dtype=jnp.float32) * vb[..., None]
+    per_class = jnp.sum(onehot, axis=(0, 1))  # [C]
+
+    def one(p: PyTree) -> jax.Array:
+        def block(blk):
+            xx, yy, oh = blk
+            correct = (jnp.argmax(apply(p, xx), axis=-1) == yy).astype(jnp.float32)
+            return correct @ oh  # [C] correct counts
+
+        hits = jax.lax.map(block, (xb, yb, onehot)).sum(axis=0)
+        return jnp.where(per_class > 0, hits / jnp.maximum(per_class, 1.0), jnp.nan)
+
+    return jax.lax.map(one, params, batch_size=worker_chunk)
+
+
+def class_weighted_accuracy(
+    apply: ApplyFn,
+    params: PyTree,
+    x: jax.typing.ArrayLike,
+    y: jax.typing.ArrayLike,
+    q: jax.typing.ArrayLike,
+    *,
+    worker_chunk: int = 64,
+    example_chunk: int | None = None,
+) -> jax.Array:
+    """Personalized accuracy weighted by each worker's own label proportions.
+
+    .. math::
+        \\mathrm{acc}_i = \\sum_c q_{ic} A_{ic}
+
+    with ``A`` from :func:`class_accuracy` on the global test set and ``q_i`` worker
+    ``i``'s *training* label proportions (``jd.data.label_distribution``). This is the
+    expectation of worker ``i``'s accuracy on a test split whose label mix matches its
+    training mix, without the sampling noise of drawing such a split (the DePRL and
+    FedTSDP sheets' metric). Classes with ``q_{ic} = 0`` never matter, also when the
+    test set lacks them.
+
+    Args:
+      apply: ``apply(params_i, x_batch) -> logits`` for ONE worker.
+      params: worker-axis params (leaves ``[n, ...]``).
+      x: global test inputs ``[N, ...]``.
+      y: integer test labels ``[N]``.
+      q: label proportions ``[n, C]``, rows non-negative and summing to 1.
+      worker_chunk: workers evaluated in parallel per scan step.
+      example_chunk: test examples per forward pass.
+
+    Returns:
+      ``[n]`` float32.
+
+    Raises:
+      ValueError: ``q`` of the wrong shape, negative, or with rows not summing to 1
+        (normalize with ``q / q.sum(1, keepdims=True)``), or a class with
+        ``q_{ic} > 0`` and no test example.
+    """
+    n = num_workers(params)
+    q_np = None if isinstance(q, jax.core.Tracer) else np.asarray(q, np.float64)
+    if jnp.ndim(q) != 2 or jnp.shape(q)[0] != n:
+        raise ValueError(
+            f"class_weighted_accuracy: q must be [n, C] label proportions, n = {n}, "
+            f"got shape {jnp.shape(q)}; use jd.data.label_distribution(y, parts, C)."
+        )
+    if q_np is not None:
+        if q_np.min() < 0 or not np.allclose(q_np.sum(1), 1.0, atol=1e-5):
+            raise ValueError(
+                "class_weighted_accuracy: every row of q must be non-negative and sum "
+                "to 1 (a worker's label proportions); normalize q first."
+            )
+        present = np.bincount(np.asarray(y, np.int64), minlength=q_np.shape[1])
+        missing = np.flatnonzero((q_np.max(0) > 0) & (present[: q_np.shape[1]] == 0))
+        if missing.size:
+            raise ValueError(
+                f"class_weighted_accuracy: classes {missing.tolist()} have training "
+                "weight but no test example; use a test set that covers them."
+            )
+    qj = jnp.asarray(q, jnp.float32)
+    A = class_accuracy(
+        apply,
+        params,
+        x,
+        y,
+        qj.shape[1],
+        worker_chunk=worker_chunk,
+        example_chunk=example_chunk,
+    )
+    return jnp.sum(jnp.where(qj > 0, qj * A, 0.0), axis=1)
+
+
+def personalized_evaluator(
+    apply: ApplyFn,
+    test_x: jax.typing.ArrayLike,
+    test_y: jax.typing.ArrayLike,
+    q: jax.typing.ArrayLike,
+    *,
+    worker_chunk: int = 64,
+    example_chunk: int | None = None,
+) -> Callable[[PyTree], dict[str, jax.Array]]:
+    """Jittable eval hook for personalized methods (each worker its own model).
+
+    Keys: ``pers_acc = (1/n) sum_i acc_i`` with ``acc_i`` the class-weighted accuracy
+    of :func:`class_weighted_accuracy`, ``pers_acc_min = min_i acc_i``, and
+    ``global_acc_mean`` (plain accuracy on the whole test set, mean over workers).
+
+    Args:
+      apply: ``apply(params_i, x_batch) -> logits`` for ONE worker.
+      test_x: global test inputs ``[N, ...]``.
+      test_y: integer test labels ``[N]``.
+      q: workers' training label proportions ``[n, C]``.
+      worker_chunk: workers per parallel chunk.
+      example_chunk: test examples per forward pass.
+
+    Returns:
+      ``eval_fn(params_or_state) -> dict``, a ``jax.tree_util.Partial`` whose leaves
+      are the test arrays and ``q`` (so passing it to jit does not embed them).
+    """
+    x = jnp.asarray(test_x)
+    y = jnp.asarray(test_y, jnp.int32)
+    _check_xy(x, y, "personalized_evaluator")
+    q_np = np.asarray(q, np.float64)
+    if q_np.ndim != 2 or q_np.min() < 0 or not np.allclose(q_np.sum(1), 1.0, atol=1e-5):
+        raise ValueError(
+            "personalized_evaluator: q must be [n, C] label proportions (rows "
+            f"non-negative, summing to 1), got shape {q_np.shape}."
+        )
+    worker_chunk = _check_chunk(worker_chunk, "worker_chunk", allow_none=False)
+    example_chunk = _check_chunk(example_chunk, "example_chunk", allow_none=True)
+
+    def eval_fn(x, y, q, target):
+        params = getattr(target, "params", target)
+        A = class_accuracy(
+            apply,
+            params,
+            x,
+            y,
+            q.shape[1],
+            worker_chunk=worker_chunk,
+            example_chunk=example_chunk,
+        )
+        acc = jnp.sum(jnp.where(q > 0, q * A, 0.0), axis=1)
+        counts = jnp.bincount(y, length=q.shape[1]).astype(jnp.float32)
+        glob = jnp.nansum(A * counts[None, :], axis=1) / jnp.sum(counts)
+        return {
+            "pers_acc": jnp.mean(acc),
+            "pers_acc_min": jnp.min(acc),
+            "global_acc_mean": jnp.mean(glob),
+        }
+
+    return jax.tree_util.Partial(eval_fn, x, y, jnp.asarray(q_np, jnp.float32))
 
 
 # ------------------------------------------------------------------- communication

@@ -509,3 +509,18 @@ def test_heterogeneous_regression():
     np.testing.assert_allclose(w0, np.broadcast_to(w0[:1], w0.shape))
     _, _, w1 = jdd.heterogeneous_regression(5, 10, 3, seed=0, heterogeneity=1.0)
     assert np.std(w1, axis=0).mean() > 0.1
+
+
+def test_dirichlet_balance_caps_full_workers(digits):
+    """balance=True: a worker at >= N/n samples receives no later class share, so
+    no worker exceeds N/n by more than the largest single class it was dealt."""
+    y = digits.y_train
+    n, cap = 16, len(y) / 16
+    plain = jdd.dirichlet(y, n, 0.1, seed=3, min_size=5)
+    bal = jdd.dirichlet(y, n, 0.1, seed=3, min_size=5, balance=True)
+    assert_partition(bal, len(y))
+    largest_class = np.bincount(y).max()
+    assert max(len(p) for p in bal) <= cap + largest_class
+    assert np.std([len(p) for p in bal]) < np.std([len(p) for p in plain])
+    with pytest.raises(ValueError, match="balance"):
+        jdd.dirichlet(y, n, 0.1, seed=3, balance="yes")

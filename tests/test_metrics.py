@@ -234,3 +234,43 @@ def test_lenet_flat_digits_local_eval_chunked():
         ce, corr = _np_ce_acc(logits[i], np.asarray(y))
         np.testing.assert_allclose(loss[i], ce.mean(), rtol=1e-5)
         np.testing.assert_allclose(acc[i], corr.mean(), rtol=1e-6)
+
+
+def test_class_weighted_accuracy_matches_loop(setup):
+    apply, params, x, y = setup
+    rng = np.random.default_rng(4)
+    q = rng.dirichlet(np.ones(N_CLASSES), size=N_WORKERS)
+    q[0] = np.eye(N_CLASSES)[int(y[0])]  # one-class worker
+    got = _jit(metrics.class_weighted_accuracy, apply, example_chunk=7)(
+        params, x, y, jnp.asarray(q)
+    )
+    yn = np.asarray(y)
+    for i in range(N_WORKERS):
+        logits = apply(_worker(params, i), x)
+        _, corr = _np_ce_acc(logits, yn)
+        per_class = np.array([corr[yn == c].mean() for c in range(N_CLASSES)])
+        np.testing.assert_allclose(got[i], q[i] @ per_class, rtol=1e-5)
+    ev = jax.jit(metrics.personalized_evaluator(apply, x, y, q))(params)
+    np.testing.assert_allclose(ev["pers_acc"], np.mean(got), rtol=1e-6)
+    np.testing.assert_allclose(ev["pers_acc_min"], np.min(got), rtol=1e-6)
+    glob = np.mean(
+        [
+            _np_ce_acc(apply(_worker(params, i), x), yn)[1].mean()
+            for i in range(N_WORKERS)
+        ]
+    )
+    np.testing.assert_allclose(ev["global_acc_mean"], glob, rtol=1e-5)
+
+
+def test_class_weighted_accuracy_validates(setup):
+    apply, params, x, y = setup
+    with pytest.raises(ValueError, match="sum"):
+        metrics.class_weighted_accuracy(
+            apply, params, x, y, np.full((N_WORKERS, N_CLASSES), 0.5)
+        )
+    with pytest.raises(ValueError, match="label_distribution"):
+        metrics.class_weighted_accuracy(apply, params, x, y, np.ones((2, N_CLASSES)))
+    q = np.zeros((N_WORKERS, N_CLASSES + 1))
+    q[:, -1] = 1.0  # class 4 never appears in y
+    with pytest.raises(ValueError, match="no test example"):
+        metrics.class_weighted_accuracy(apply, params, x, y, q)

@@ -103,6 +103,8 @@ def dirichlet(
     seed: int,
     min_size: int = 10,
     max_tries: int = 100,
+    *,
+    balance: bool = False,
 ) -> list[np.ndarray]:
     """Per-class Dirichlet label-skew split (Hsu et al. 2019; Wang et al. 2020).
 
@@ -112,6 +114,12 @@ def dirichlet(
     concentrates on few workers (strong heterogeneity); ``alpha -> inf`` => iid-like.
     The whole draw is repeated until every worker holds ``>= min_size`` samples.
 
+    With ``balance=True`` (the NIID-Bench recipe the DePRL and FedTSDP sheets use),
+    classes are dealt one after another and a worker that already holds
+    ``>= N / n`` samples gets no further share: ``p_{k,i} <- p_{k,i} [s_i < N/n]``
+    renormalized, ``s_i`` its current size. This keeps worker sizes comparable at
+    small ``alpha``.
+
     Args:
       labels: int class ids ``[N]``.
       n: number of workers.
@@ -119,6 +127,7 @@ def dirichlet(
       seed: RNG seed.
       min_size: minimum samples per worker (``n * min_size <= N``).
       max_tries: redraws before giving up.
+      balance: cap shares of workers already holding ``>= N / n`` samples.
 
     Returns:
       ``n`` sorted, disjoint index arrays covering ``0..N-1``.
@@ -143,6 +152,8 @@ def dirichlet(
             f"dirichlet: need integers min_size >= 0 and max_tries >= 1, got "
             f"{min_size!r}, {max_tries!r}."
         )
+    if not isinstance(balance, bool):
+        raise ValueError(f"dirichlet: balance must be True or False, got {balance!r}.")
     if n * min_size > len(y):
         raise ValueError(
             f"dirichlet: n * min_size = {n} * {min_size} > {len(y)} samples; lower "
@@ -153,14 +164,20 @@ def dirichlet(
     sizes = np.zeros(n, dtype=np.int64)
     for _ in range(max_tries):
         chunks: list[list[np.ndarray]] = [[] for _ in range(n)]
+        held = np.zeros(n, dtype=np.int64)
         for idx in by_class:
             idx = rng.permutation(idx)
             p = rng.dirichlet(np.full(n, float(alpha)))
             if not np.all(np.isfinite(p)) or p.sum() <= 0:  # underflow at tiny alpha
                 p = np.eye(n)[rng.integers(n)]
+            if balance:
+                open_ = held < len(y) / n  # some worker is always below the mean
+                p = p * open_
+                p = p / p.sum() if p.sum() > 0 else open_ / open_.sum()
             cuts = np.floor(np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
             for i, c in enumerate(np.split(idx, np.clip(cuts, 0, len(idx)))):
                 chunks[i].append(c)
+                held[i] += len(c)
         parts = [np.sort(np.concatenate(c)).astype(np.int64) for c in chunks]
         sizes = np.array([len(p) for p in parts])
         if sizes.min() >= min_size:
