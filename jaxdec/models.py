@@ -12,6 +12,13 @@ Per-worker parameters are built with :func:`init_workers` (leaves ``[n, ...]``),
 :func:`classification_loss` gives the ONE-worker ``loss_fn(params, batch, key)`` that
 algorithms lift with ``jax.vmap``.
 
+Batch normalization (``norm="batch"``): training normalizes with the statistics of the
+current minibatch (the loss runs the model in train mode), so algorithms carry only
+``params``; running statistics are never trained or gossiped. Before evaluating, they
+are re-estimated for the model at hand with :func:`jaxdec.merge.batch_statistics`
+(cumulative averaging over a few batches, as the single-merge sheet prescribes for the
+merged model), and :func:`apply_fn` takes ``{"params": p, "batch_stats": s}``.
+
 Example:
   >>> import jax, jax.numpy as jnp, jaxdec as jd
   >>> from jaxdec.models import MLP, init_workers, classification_loss
@@ -22,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,6 +47,9 @@ __all__ = [
     "CNN",
     "init_workers",
     "apply_fn",
+    "train_apply_fn",
+    "as_variables",
+    "uses_batch_stats",
     "features_fn",
     "classification_loss",
     "classification_loss_with_acc",
@@ -81,13 +91,32 @@ class MLPBody(nn.Module):
     hidden: Sequence[int] = (128, 64)
     activation: Activation = nn.relu
     example_ndim: int | None = None
+    norm: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         z = _flatten_examples(jnp.asarray(x, jnp.float32), self.example_ndim)
         for width in self.hidden:
-            z = self.activation(nn.Dense(width)(z))
+            z = self.activation(_normalize(nn.Dense(width)(z), self.norm, train))
         return z
+
+
+NORMS = (None, "batch")
+
+
+def _check_norm(model: str, norm: str | None) -> None:
+    if norm not in NORMS:
+        raise ValueError(
+            f"{model}: norm must be None or 'batch' (BatchNorm after every hidden "
+            f"layer), got {norm!r}."
+        )
+
+
+def _normalize(z: jax.Array, norm: str | None, train: bool) -> jax.Array:
+    """BatchNorm over all leading axes (batch statistics in train mode)."""
+    if norm is None:
+        return z
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9)(z)
 
 
 class LeNetBody(nn.Module):
@@ -106,9 +135,10 @@ class LeNetBody(nn.Module):
 
     activation: Activation = nn.relu
     image_shape: tuple[int, int, int] | None = None
+    norm: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = jnp.asarray(x, jnp.float32)
         if self.image_shape is not None:
             x = x.reshape(*x.shape[:-1], *self.image_shape)
@@ -123,11 +153,12 @@ class LeNetBody(nn.Module):
         batch = x.shape[:-3]
         x = x.reshape(-1, *x.shape[-3:])
         pool = lambda h: nn.avg_pool(h, (2, 2), strides=(2, 2), padding="SAME")
-        h = pool(self.activation(nn.Conv(6, (5, 5), padding="SAME")(x)))
-        h = pool(self.activation(nn.Conv(16, (5, 5), padding="SAME")(h)))
+        act = lambda h: self.activation(_normalize(h, self.norm, train))
+        h = pool(act(nn.Conv(6, (5, 5), padding="SAME")(x)))
+        h = pool(act(nn.Conv(16, (5, 5), padding="SAME")(h)))
         h = h.reshape(h.shape[0], -1)
-        h = self.activation(nn.Dense(120)(h))
-        h = self.activation(nn.Dense(84)(h))
+        h = act(nn.Dense(120)(h))
+        h = act(nn.Dense(84)(h))
         h = h.reshape(*batch, h.shape[-1])
         return h[0] if single else h
 
@@ -143,6 +174,7 @@ class MLP(nn.Module):
       num_classes: number of output logits.
       activation: hidden nonlinearity.
       example_ndim: trailing per-example axes (see :class:`MLPBody`).
+      norm: ``None`` or ``"batch"`` (BatchNorm before every hidden activation).
 
     Example:
       >>> model = MLP(hidden=(64,), num_classes=10)
@@ -155,23 +187,26 @@ class MLP(nn.Module):
     num_classes: int = 10
     activation: Activation = nn.relu
     example_ndim: int | None = None
+    norm: str | None = None
 
     def setup(self) -> None:
         _check_widths("MLP", {"num_classes": self.num_classes}, self.hidden)
+        _check_norm("MLP", self.norm)
         self.body = MLPBody(
             hidden=tuple(self.hidden),
             activation=self.activation,
             example_ndim=self.example_ndim,
+            norm=self.norm,
         )
         self.head = nn.Dense(self.num_classes)
 
-    def features(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Representation ``z = body(x)`` (use with ``method="features"``)."""
-        return self.body(x)
+        return self.body(x, train)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``head(body(x))``, shape ``[..., num_classes]``."""
-        return self.head(self.body(x))
+        return self.head(self.body(x, train))
 
 
 class LeNet5(nn.Module):
@@ -184,6 +219,7 @@ class LeNet5(nn.Module):
       num_classes: number of output logits.
       activation: nonlinearity.
       image_shape: optional ``(H, W, C)`` to reshape flat inputs.
+      norm: ``None`` or ``"batch"`` (BatchNorm before every hidden activation).
 
     Example:
       >>> model = LeNet5(num_classes=10)
@@ -195,19 +231,23 @@ class LeNet5(nn.Module):
     num_classes: int = 10
     activation: Activation = nn.relu
     image_shape: tuple[int, int, int] | None = None
+    norm: str | None = None
 
     def setup(self) -> None:
         _check_widths("LeNet5", {"num_classes": self.num_classes}, ())
-        self.body = LeNetBody(activation=self.activation, image_shape=self.image_shape)
+        _check_norm("LeNet5", self.norm)
+        self.body = LeNetBody(
+            activation=self.activation, image_shape=self.image_shape, norm=self.norm
+        )
         self.head = nn.Dense(self.num_classes)
 
-    def features(self, x: jax.Array) -> jax.Array:
+    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Representation ``z = body(x)`` (84 features)."""
-        return self.body(x)
+        return self.body(x, train)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """Logits ``head(body(x))``, shape ``[..., num_classes]``."""
-        return self.head(self.body(x))
+        return self.head(self.body(x, train))
 
 
 CNN = LeNet5
@@ -231,6 +271,8 @@ def init_workers(
     n: int,
     sample_x: jax.typing.ArrayLike,
     same_init: bool = True,
+    *,
+    with_stats: bool = False,
 ) -> PyTree:
     """Initialize parameters for ``n`` workers (leaves ``[n, ...]``).
 
@@ -246,12 +288,16 @@ def init_workers(
       n: number of workers, ``>= 1``.
       sample_x: example input for ONE worker used to infer shapes (e.g. ``x[:1]``).
       same_init: replicate one initialization (True) or draw independent ones.
+      with_stats: also return the model's other collections (BatchNorm's
+        ``batch_stats``) as a second value; needed to accept a model that has them.
 
     Returns:
-      The inner params dict (``variables["params"]``) with leaves ``[n, ...]``.
+      The inner params dict (``variables["params"]``) with leaves ``[n, ...]``;
+      with ``with_stats=True`` the pair ``(params, {"batch_stats": ...})``.
 
     Raises:
-      ValueError: if ``n < 1`` or the model has non-``params`` collections.
+      ValueError: if ``n < 1``, or the model has non-``params`` collections and
+        ``with_stats`` is False.
     """
     if isinstance(n, bool) or int(n) != n or int(n) < 1:
         raise ValueError(f"init_workers: n must be an integer >= 1, got {n!r}.")
@@ -259,29 +305,69 @@ def init_workers(
     sample_x = jnp.asarray(sample_x)
 
     def init_one(k: jax.Array) -> PyTree:
-        variables = model.init(k, sample_x)
+        variables = dict(model.init(k, sample_x))
         extra = sorted(set(variables) - {"params"})
-        if extra:
+        if extra and not with_stats:
             raise ValueError(
                 f"init_workers: the model has variable collections {extra} besides "
-                "'params' (e.g. BatchNorm statistics), which jaxdec does not carry; "
-                "use a model without mutable state (e.g. LayerNorm instead)."
+                "'params' (e.g. BatchNorm statistics); pass with_stats=True to get "
+                "(params, stats), train on params (the loss normalizes with batch "
+                "statistics) and re-estimate statistics with "
+                "jd.merge.batch_statistics before evaluating."
             )
-        return variables["params"]
+        params = variables.pop("params")
+        return (params, variables) if with_stats else params
 
     if same_init:
         return replicate(jax.jit(init_one)(key), n)
     return jax.jit(jax.vmap(init_one))(jax.random.split(key, n))
 
 
+def as_variables(params_or_variables: PyTree) -> dict:
+    """``{"params": p}`` for a params tree; a variables dict is returned as is.
+
+    A variables dict is a mapping with a ``"params"`` key (e.g. ``{"params": p,
+    "batch_stats": s}`` for a BatchNorm model).
+    """
+    v = params_or_variables
+    if isinstance(v, Mapping) and "params" in v:
+        return dict(v)
+    return {"params": v}
+
+
+def uses_batch_stats(model: nn.Module) -> bool:
+    """Whether ``model`` is a jaxdec model built with ``norm="batch"``."""
+    return getattr(model, "norm", None) == "batch"
+
+
 def apply_fn(model: nn.Module) -> Callable[[PyTree, jax.Array], jax.Array]:
     """Return ``f(params, x) = model.apply({"params": params}, x)`` (logits).
 
-    ``params`` is ONE worker's params; lift with ``jax.vmap`` over the worker axis.
+    ``params`` is ONE worker's params, or its variables dict ``{"params": p,
+    "batch_stats": s}`` for a BatchNorm model (evaluation mode: running statistics);
+    lift with ``jax.vmap`` over the worker axis.
     """
 
     def f(params: PyTree, x: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, x)
+        return model.apply(as_variables(params), x)
+
+    return f
+
+
+def train_apply_fn(model: nn.Module) -> Callable[[PyTree, jax.Array], jax.Array]:
+    """Logits in training mode: BatchNorm normalizes with the minibatch statistics.
+
+    For a model without batch statistics this is :func:`apply_fn`. Running statistics
+    are neither needed nor updated (jaxdec re-estimates them for evaluation).
+    """
+    if not uses_batch_stats(model):
+        return apply_fn(model)
+
+    def f(params: PyTree, x: jax.Array) -> jax.Array:
+        logits, _ = model.apply(
+            {"params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return logits
 
     return f
 
@@ -298,7 +384,7 @@ def features_fn(model: nn.Module) -> Callable[[PyTree, jax.Array], jax.Array]:
         )
 
     def f(params: PyTree, x: jax.Array) -> jax.Array:
-        return model.apply({"params": params}, x, method="features")
+        return model.apply(as_variables(params), x, method="features")
 
     return f
 
@@ -345,9 +431,11 @@ def classification_loss_with_acc(
     Returns:
       ``loss_fn(params, batch, key) -> (loss, {"accuracy": acc, "ce": ce})`` where
       ``batch = (x, y)`` with ``x [b, ...]`` and int ``y [b]``; ``key`` is unused.
+    With a ``norm="batch"`` model the forward pass runs in training mode
+    (minibatch statistics; see the module docstring).
     """
     l2 = _check_l2(l2)
-    f = apply_fn(model)
+    f = train_apply_fn(model)
 
     def loss_fn(params: PyTree, batch, key: jax.Array | None = None):
         del key

@@ -252,3 +252,78 @@ def test_scheduled_random_mixers_count_messages_inside_dsgd():
     # odd steps end a round: rounds 0-2 pair every worker (1 message of 3 floats),
     # the last round (progress 1 >= 0.8; round 2 has 0.75) averages exactly
     assert sent == [0, 3, 0, 3, 0, 3, 0, 3 * (n - 1)]
+
+
+def _bn_setup(n=4, d=6, width=5, seed=0, classes=3):
+    model = jd.models.MLP(hidden=(width,), num_classes=classes, norm="batch")
+    params, stats = jd.models.init_workers(
+        model,
+        jax.random.key(seed),
+        n,
+        jnp.zeros((1, d)),
+        same_init=False,
+        with_stats=True,
+    )
+    return model, params, stats
+
+
+def test_batch_statistics_are_recomputed_cumulative_averages():
+    """Sheet invariant 9: the merged copy's statistics are re-estimated on pooled
+    batches (cumulative average of per-batch mean / biased variance), not averaged."""
+    model, params, _ = _bn_setup()
+    rng = np.random.default_rng(1)
+    xs = rng.normal(1.0, 2.0, size=(40, 16, 6)).astype(np.float32)
+    theta = jd.merge.merged_params(params)
+    stats = jax.jit(lambda p, x: jd.merge.batch_statistics(model, p, x))(theta, xs)
+    k = np.asarray(theta["body"]["Dense_0"]["kernel"])
+    b = np.asarray(theta["body"]["Dense_0"]["bias"])
+    h = np.einsum("kbd,dw->kbw", xs[:32].astype(np.float64), np.asarray(k)) + b
+    bn = stats["batch_stats"]["body"]["BatchNorm_0"]
+    np.testing.assert_allclose(bn["mean"], h.mean(1).mean(0), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(bn["var"], h.var(1).mean(0), rtol=2e-4)
+    # not an average of the workers' own statistics
+    own = jax.vmap(lambda p: jd.merge.batch_statistics(model, p, xs))(params)
+    avg = own["batch_stats"]["body"]["BatchNorm_0"]["var"].mean(0)
+    assert np.max(np.abs(np.asarray(avg) - np.asarray(bn["var"]))) > 1e-2
+    with pytest.raises(ValueError, match="batches"):
+        jd.merge.batch_statistics(model, theta, xs[0])
+    plain = jd.models.MLP(hidden=(5,), num_classes=3)
+    with pytest.raises(ValueError, match="no 'batch_stats'"):
+        jd.merge.batch_statistics(plain, theta, xs)
+
+
+def test_batchnorm_model_trains_and_merged_evaluation_recalibrates():
+    """D-SGD on a BatchNorm MLP (train-mode loss), then counterfactual merged
+    evaluation with recalibration: state bit-identical, eval mode uses the new
+    statistics, and without the init flag the model is rejected."""
+    ds = jd.data.load_digits()
+    n = 4
+    model, params, _ = _bn_setup(n=n, d=64, width=32, classes=10)
+    with pytest.raises(ValueError, match="with_stats=True"):
+        jd.models.init_workers(model, jax.random.key(0), n, jnp.zeros((1, 64)))
+    parts = jd.data.iid(len(ds.y_train), n, seed=0)
+    sampler = jd.data.make_sampler(jd.data.stack(ds.x_train, ds.y_train, parts), 16)
+    mix = jd.gossip.dense(jd.topology.mixing_matrix(jd.topology.ring(n), "metropolis"))
+    loss = jd.models.classification_loss(model)
+    algo = jd.algorithms.dsgd(loss, optax.sgd(0.05), mix)
+    state, hist = jd.run(
+        algo, algo.init(params), sampler, jax.random.key(1), 60, progress=False
+    )
+    assert np.isfinite(hist.train["loss"]).all()
+    assert hist.train["loss"][-1] < hist.train["loss"][0]
+    ev = jd.metrics.evaluator(jd.models.apply_fn(model), ds.x_test, ds.y_test)
+    xb = jnp.asarray(ds.x_train[: 8 * 32].reshape(8, 32, -1))
+    before = jax.tree.map(np.asarray, state)
+    out = jax.jit(
+        lambda s: jd.merge.evaluate_merged(ev, s, model=model, calibration=xb)
+    )(state)
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, state))
+    assert float(out["avg_model_acc"]) > 0.5
+    # the same number by hand: merged params + recomputed statistics
+    theta = jd.merge.merged_params(state.params)
+    v = {"params": theta, **jd.merge.batch_statistics(model, theta, xb)}
+    logits = jd.models.apply_fn(model)(v, jnp.asarray(ds.x_test))
+    acc = np.mean(np.argmax(np.asarray(logits), 1) == ds.y_test)
+    np.testing.assert_allclose(float(out["local_acc_mean"]), acc, atol=1e-6)
+    with pytest.raises(ValueError, match="both"):
+        jd.merge.evaluate_merged(ev, state, model=model)
