@@ -15,6 +15,13 @@ R 0.2 elsewhere, no final merge). Every finished run is appended to
     python experiments/single_merge.py                     # Fashion-MNIST, full
     python experiments/single_merge.py --quick             # digits smoke run
     python experiments/single_merge.py --alphas 0.1 --seeds 0 --no-windows
+    python experiments/single_merge.py --norm batch --alphas 0.1 --seeds 0 \
+        --no-windows --runs server R0.2+merge local+merge   # BatchNorm MLP
+
+With ``--norm batch`` the MLP has BatchNorm after each hidden layer (results in
+``results/single_merge/batchnorm``): training normalizes with minibatch statistics,
+and every evaluated model gets statistics re-estimated on 32 pooled training batches
+(``jd.merge.batch_statistics``); the merged model's are recomputed, never averaged.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Setup:
     hidden: tuple[int, ...] = (200, 200)
     eval_rounds: int = 30
     mode: str = "pairing"
+    norm: str | None = None
 
     @property
     def steps(self) -> int:
@@ -85,14 +93,40 @@ def load(s: Setup):
     return jd.data.load_fashion_mnist()
 
 
+def bn_evaluator(model, ev, xb):
+    """Evaluator for a BatchNorm model: statistics re-estimated on pooled batches
+    ``xb`` for every local model and, separately, for the merged model."""
+
+    def f(ev, xb, state):
+        params = getattr(state, "params", state)
+        stats = jax.vmap(lambda p: jd.merge.batch_statistics(model, p, xb))(params)
+        out = dict(ev({"params": params, **stats}))
+        merged = jd.merge.evaluate_merged(ev, state, model=model, calibration=xb)
+        out["avg_model_acc"] = merged["local_acc_mean"]
+        out["avg_model_loss"] = merged["local_loss_mean"]
+        out["mergeability_gap"] = out["avg_model_acc"] - out["local_acc_mean"]
+        return out
+
+    return jax.tree_util.Partial(f, ev, xb)
+
+
 def run_one(s: Setup, ds, alpha: float, seed: int, name: str, mix) -> dict:
     q = jd.data.dirichlet_proportions(s.m, ds.num_classes, alpha, seed)
     sampler = jd.data.label_resample_sampler(ds.x_train, ds.y_train, q, s.batch)
-    model = jd.models.MLP(hidden=s.hidden, num_classes=ds.num_classes)
-    params = jd.models.init_workers(model, jax.random.key(seed), s.m, ds.x_train[:1])
+    model = jd.models.MLP(hidden=s.hidden, num_classes=ds.num_classes, norm=s.norm)
+    params = jd.models.init_workers(
+        model, jax.random.key(seed), s.m, ds.x_train[:1], with_stats=s.norm is not None
+    )
+    if s.norm is not None:
+        params = params[0]
     opt = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(s.lr, momentum=0.9))
     algo = jd.algorithms.dsgd(jd.models.classification_loss(model), opt, mix)
     ev = jd.metrics.evaluator(jd.models.apply_fn(model), ds.x_test, ds.y_test)
+    if s.norm is not None:
+        k = min(32, len(ds.y_train) // s.batch)  # 32 batches, fewer on tiny sets
+        pick = np.random.default_rng(seed).permutation(len(ds.y_train))[: k * s.batch]
+        xb = ds.x_train[pick].reshape(k, s.batch, *ds.x_train.shape[1:])
+        ev = bn_evaluator(model, ev, jax.numpy.asarray(xb))
     tic = time.perf_counter()
     key = jax.random.key(1000 + seed)
     # all rounds but the last, then the last round (whose gossip is the final merge
@@ -151,9 +185,13 @@ def main():
     p.add_argument("--mode", default="pairing", choices=["pairing", "pull"])
     p.add_argument("--quick", action="store_true", help="digits, 30 rounds, 1 seed")
     p.add_argument("--out", default=str(OUT))
+    p.add_argument("--norm", default=None, choices=["batch"])
+    p.add_argument("--runs", nargs="+", default=None, help="subset of schedules")
     args = p.parse_args()
-    s = Setup(mode=args.mode)
+    s = Setup(mode=args.mode, norm=args.norm)
     out = Path(args.out)
+    if args.norm:
+        out = out / "batchnorm"
     if args.quick:
         s = dataclasses.replace(
             s, dataset="digits", rounds=30, eval_rounds=10, hidden=(64,), lr=0.05
@@ -171,7 +209,7 @@ def main():
     for alpha in args.alphas:
         for seed in args.seeds:
             for name, mix in schedules(s, seed, not args.no_windows).items():
-                if (alpha, seed, name) in done:
+                if (alpha, seed, name) in done or (args.runs and name not in args.runs):
                     continue
                 rec = run_one(s, ds, alpha, seed, name, mix)
                 rec["setup"] = dataclasses.asdict(s)
