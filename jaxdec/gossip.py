@@ -175,7 +175,7 @@ def sparse(W, *, doubly_stochastic: bool = True) -> Mixer:
         def leaf(x):
             acc = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
             for o, w in items:
-                acc = acc + w * jnp.roll(x, -o, axis=0)
+                acc = acc + w * jnp.roll(x, -o, axis=0).astype(acc.dtype)
             return acc.astype(x.dtype)
 
         name = f"sparse(n={n}, circulant, {len(items)} offsets)"

@@ -119,20 +119,88 @@ def step_keys(key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
     return k_data, k_algo
 
 
-def _scan_steps(algo: Algorithm, reduce: Callable, length: int):
-    """``chunk(state, key, start, sampler)``: ``length`` steps as one ``lax.scan``."""
+def _scan_steps(algo: Algorithm, reduce: Callable, length: int, pin=None):
+    """``chunk(state, key, start, sampler)``: ``length`` steps as one ``lax.scan``.
+
+    ``pin = (pin_state, pin_out)`` (sharded runs) pins the carried state to its
+    input sharding at every step and the per-step summaries to replicated."""
 
     def chunk(state, key, start, sampler):
         def body(st, t):
             k_data, k_algo = step_keys(key, t)
             st, info = algo.step(st, sampler(k_data, t), k_algo)
+            if pin is not None:
+                st = pin[0](st)
             return st, (reduce(info), getattr(info, "finite", None))
 
         ts = start + jnp.arange(length, dtype=jnp.int32)
         state, (summ, finite) = jax.lax.scan(body, state, ts)
+        if pin is not None:
+            summ, finite = pin[1]((summ, finite))
         return state, summ, finite
 
     return chunk
+
+
+def _sharding_pins(state: PyTree):
+    """``(pin_state, pin_out)`` for a state on a multi-device mesh, else ``None``.
+
+    ``pin_state`` constrains every leaf to the sharding it came in with (so dense
+    contractions do not leave the worker axis replicated); ``pin_out`` makes
+    outputs replicated, readable on every host of a multi-process run."""
+    from jaxdec.sharding import is_worker_sharded
+
+    mesh = is_worker_sharded(state)
+    if mesh is None:
+        return None
+    shardings = [getattr(x, "sharding", None) for x in jax.tree.leaves(state)]
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def pin_state(st):
+        leaves, treedef = jax.tree.flatten(st)
+        leaves = [
+            jax.lax.with_sharding_constraint(x, s)
+            if isinstance(s, jax.sharding.NamedSharding)
+            else x
+            for x, s in zip(leaves, shardings, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, leaves)
+
+    def pin_out(tree):
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), tree)
+
+    return pin_state, pin_out
+
+
+def _unaliased(state: PyTree) -> PyTree:
+    """``state`` with repeated buffers (one array used as two leaves) copied, so
+    each donated leaf is a distinct buffer."""
+    seen: set[int] = set()
+
+    def leaf(x):
+        if isinstance(x, jax.Array) and id(x) in seen:
+            return _device_copy(x)
+        seen.add(id(x))
+        return x
+
+    return jax.tree.map(leaf, state)
+
+
+def _device_copy(x: jax.Array) -> jax.Array:
+    """A fresh buffer with the same value and sharding (a runtime copy: nothing to
+    compile)."""
+    try:
+        return jax.device_put(x, x.sharding, may_alias=False)
+    except TypeError:  # jax without may_alias
+        return x.copy()
+
+
+def _own_copy(state: PyTree) -> PyTree:
+    """Device copies of the ``jax.Array`` leaves (same shardings), so donating them
+    leaves the caller's buffers valid."""
+    return jax.tree.map(
+        lambda x: _device_copy(x) if isinstance(x, jax.Array) else x, state
+    )
 
 
 def _is_data_pytree(fn: Any) -> bool:
@@ -143,12 +211,12 @@ def _is_data_pytree(fn: Any) -> bool:
     return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
 
 
-def _jit_with(fn: Callable, obj: Any) -> Callable:
+def _jit_with(fn: Callable, obj: Any, donate_argnums: tuple[int, ...] = ()) -> Callable:
     """``jit(fn)`` with trailing argument ``obj`` passed as data or closed over."""
     if _is_data_pytree(obj):
-        jitted = jax.jit(fn)
+        jitted = jax.jit(fn, donate_argnums=donate_argnums)
         return lambda *args: jitted(*args, obj)
-    return jax.jit(lambda *args: fn(*args, obj))
+    return jax.jit(lambda *args: fn(*args, obj), donate_argnums=donate_argnums)
 
 
 def run(
@@ -170,6 +238,7 @@ def run(
     checkpoint_every: int = 1,
     keep_checkpoints: int = 3,
     resume: bool = False,
+    donate: bool | str = True,
 ) -> tuple[PyTree, History]:
     """Run ``num_steps`` steps of ``algo`` from ``state``.
 
@@ -208,6 +277,16 @@ def run(
         state's structure; the resumed trajectory, history and final state are bit
         for bit those of an uninterrupted run with the same arguments. A corrupt
         checkpoint is skipped (with a message) for the one before it.
+      donate: XLA buffer donation of the state between chunks (results unchanged):
+        ``True`` donates the run's own intermediate states (``state`` is copied
+        once on device and stays valid), ``"input"`` also hands over the buffers
+        of ``state`` itself (deleted afterwards; peak memory one state instead of
+        two), ``False`` donates nothing.
+
+    Sharding: a ``state`` (and sampler) placed with
+    :func:`jaxdec.sharding.shard_workers` runs sharded; every step's state is pinned
+    to its input sharding, per-step summaries come back replicated (also across
+    hosts), and the final state keeps the worker sharding.
 
     Divergence: with ``optax.apply_if_finite(opt, max_consecutive_errors)`` as the
     optimizer a worker skips updates whose gradient is non-finite; its loss is still
@@ -230,6 +309,8 @@ def run(
             f"on_nonfinite must be 'stop', 'raise' or 'ignore', got {on_nonfinite!r}."
         )
     checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    if donate not in (True, False, "input"):
+        raise ValueError(f"donate must be True, False or 'input', got {donate!r}.")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir=<folder of checkpoints>.")
     start_step = int(start_step)
@@ -252,15 +333,19 @@ def run(
             )
         ckpt = jckpt.Checkpointer(checkpoint_dir, keep_checkpoints)
     chunks = {}
+    pins = _sharding_pins(state)
+    donated = (0,) if donate else ()
 
     def compiled(length):
         if length not in chunks:
-            chunks[length] = _jit_with(_scan_steps(algo, reduce_info, length), sampler)
+            scan = _scan_steps(algo, reduce_info, length, pins)
+            chunks[length] = _jit_with(scan, sampler, donated)
         return chunks[length]
 
     eval_jit = None
     if eval_fn is not None:
-        eval_jit = _jit_with(lambda s, fn: fn(s), eval_fn)
+        pin_out = (lambda o: o) if pins is None else pins[1]
+        eval_jit = _jit_with(lambda s, fn: pin_out(fn(s)), eval_fn)
     hist = History()
     train_parts: list[dict[str, np.ndarray]] = []
     eval_steps, eval_rows = [], []
@@ -274,6 +359,8 @@ def run(
     t = start_step
     if restored is None:
         do_eval(state, start_step)
+        if donate:
+            state = _own_copy(state) if donate is True else _unaliased(state)
     else:
         state, t = restored.tree["state"], restored.step
         old = restored.history

@@ -1,0 +1,667 @@
+"""jaxdec benchmark suite: throughput, time breakdown, FLOP/s, compile time, memory.
+
+One D-SGD step of an MLP on digits (every worker holds 64 training digits, batch 32,
+SGD, ring gossip) is timed for worker counts ``n = 16 .. 16384`` as
+
+* ``dense``:   ``jd.gossip.dense(W)``, one ``(n, n)`` matrix product per leaf;
+* ``sparse``:  ``jd.gossip.sparse(W)``, rolls of the worker axis;
+* ``sharded``: ``jd.sharding.ppermute_gossip(W, mesh)`` with state and data sharded
+  over all local devices (``shard_map`` + ``lax.ppermute``; ``D = 1`` on a plain CPU,
+  ``--devices K`` fakes ``K`` CPU devices);
+* ``loop``:    the same math as a Python loop over workers (a jitted one-worker
+  gradient step, then a jitted one-worker neighbour average), in the same run; its
+  first step is checked against the vmapped step (``loop_max_abs_diff``).
+
+Every vmapped variant is the program ``jd.run`` compiles (a ``lax.scan`` of steps
+with per-step summaries, state donated). For the sparse step the time is split into
+the vmapped gradient alone (``value_and_grad``, whose matmul FLOPs give the achieved
+FLOP/s against this machine's measured ``f32`` matmul peak), gossip alone (the mixer
+applied to the parameters) and the rest (sampling, update, diagnostics). Compile
+time and the compiled program's memory per worker (XLA buffer assignment: arguments
++ outputs - donated + temporaries) are recorded too. ``--memory`` (on by default)
+adds bytes per worker and workers per GiB for the MLP and LeNet-5 in float32,
+bfloat16 storage (``jd.sharding.cast_floats`` + ``float32_loss``) and with
+``jax.checkpoint`` on the loss.
+
+Runs on whatever backend JAX picks: on a GPU the report names the GPU
+(``device_kind``). The load average before and after is recorded: numbers from a
+busy machine are marked as such.
+
+    python experiments/bench.py            # full (sizes 16 .. 16384)
+    python experiments/bench.py --quick    # seconds: 16 .. 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+OUT = Path(__file__).parent / "results" / "bench"
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, seconds")
+    p.add_argument("--sizes", type=int, nargs="+", default=None)
+    p.add_argument("--dense-max", type=int, default=None)
+    p.add_argument("--loop-max", type=int, default=None)
+    p.add_argument("--hidden", type=int, nargs="+", default=[64])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--devices", type=int, default=None, help="fake K CPU devices")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--memory-n", type=int, default=None)
+    p.add_argument("--peak-size", type=int, default=None, help="matmul N for the peak")
+    p.add_argument("--out", default=str(OUT))
+    a = p.parse_args(argv)
+    full = not a.quick
+    a.sizes = a.sizes or ([16, 64, 256, 1024, 4096, 16384] if full else [16, 64, 256])
+    a.dense_max = a.dense_max or (4096 if full else 256)
+    a.loop_max = a.loop_max or (1024 if full else 64)
+    a.memory_n = a.memory_n or (1024 if full else 64)
+    a.repeats = a.repeats or (3 if full else 2)
+    return a
+
+
+ARGS = _parse(sys.argv[1:]) if __name__ == "__main__" else None
+if ARGS is not None and ARGS.devices:  # before JAX starts its backend
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", ARGS.devices)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jaxdec as jd  # noqa: E402
+from jaxdec import sharding  # noqa: E402
+from jaxdec.run import step_keys  # noqa: E402
+
+LR = 0.05
+PER_WORKER = 64
+_DIGITS = {}
+
+
+# ---------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "devices": [str(d) for d in jax.devices()],
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def _best(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up call."""
+    jax.block_until_ready(fn())
+    best = math.inf
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - tic)
+    return best
+
+
+class Peak:
+    """Measured dense ``f32`` matmul FLOP/s (``N x N @ N x N``); the best of every
+    measurement in the run, re-measured next to each gradient timing."""
+
+    def __init__(self, size: int):
+        self.N = size
+        self.a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+        self.f = jax.jit(lambda a: a @ a).lower(self.a).compile()
+        self.best = 0.0
+        self.samples = []
+
+    def measure(self, repeats: int = 3) -> float:
+        t = _best(lambda: self.f(self.a), repeats)
+        v = 2.0 * self.N**3 / t
+        self.samples.append(v)
+        self.best = max(self.best, v)
+        return v
+
+
+# ---------------------------------------------------------------------- workload
+
+
+def _digits():
+    if not _DIGITS:
+        ds = jd.data.load_digits(seed=0)
+        _DIGITS.update(x=np.asarray(ds.x_train, np.float32), y=ds.y_train)
+    return _DIGITS["x"], _DIGITS["y"]
+
+
+_MODELS: dict = {}
+
+
+def _model(hidden, model_name: str):
+    """The model and its one-worker loss (cached, so per-worker jits compile once)."""
+    key = (tuple(hidden), model_name)
+    if key not in _MODELS:
+        if model_name == "mlp":
+            model, sample = jd.models.MLP(hidden=tuple(hidden), num_classes=10), (64,)
+        else:
+            model, sample = jd.models.LeNet5(num_classes=10), (8, 8, 1)
+        x0 = np.zeros((1, *sample), np.float32)
+        theta0 = jax.jit(model.init)(jax.random.key(0), x0)["params"]
+        theta0 = jax.tree.map(np.asarray, theta0)
+        _MODELS[key] = (model, jd.models.classification_loss(model), theta0)
+    return _MODELS[key]
+
+
+def workload(n: int, hidden, batch: int, model_name: str = "mlp"):
+    """Per-worker digits (64 each), a model, its one-worker loss, params, sampler."""
+    x, y = _digits()
+    idx = np.random.default_rng(n).integers(0, len(y), size=(n, PER_WORKER))
+    model, loss, theta0 = _model(hidden, model_name)
+    xw = x[idx] if model_name == "mlp" else x[idx].reshape(n, PER_WORKER, 8, 8, 1)
+    # = jd.data.from_worker_arrays(xw, y[idx]) and, for the parameters,
+    # jd.models.init_workers(same_init=True), built on the host with device_put so
+    # that no small program is compiled per n
+    data = jd.data.WorkerData(
+        *jax.device_put((xw, y[idx].astype(np.int32), np.full(n, PER_WORKER, np.int32)))
+    )
+    params = jax.tree.map(
+        lambda a: jax.device_put(
+            np.ascontiguousarray(np.broadcast_to(a, (n, *a.shape)))
+        ),
+        theta0,
+    )
+    return model, loss, params, jd.data.make_sampler(data, batch)
+
+
+def matmul_flops(hidden, batch: int, d_in: int = 64, classes: int = 10) -> float:
+    """Matmul FLOPs of one worker's ``value_and_grad`` (MLP): forward ``2 b sum
+    a_l b_l``, weight gradients the same, input gradients for layers >= 2."""
+    dims = [d_in, *hidden, classes]
+    layers = list(zip(dims[:-1], dims[1:], strict=True))
+    fwd = sum(2.0 * batch * a * b for a, b in layers)
+    return 2.0 * fwd + sum(2.0 * batch * a * b for a, b in layers[1:])
+
+
+def _copy(tree):
+    """Fresh device buffers (donated calls consume their inputs)."""
+    return jax.tree.map(lambda v: jax.device_put(v, v.sharding, may_alias=False), tree)
+
+
+def _compile(fn, *args, donate=(0,)):
+    tic = time.perf_counter()
+    c = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    return c, time.perf_counter() - tic
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    if m is None:
+        return {}
+    out = {
+        k: int(getattr(m, f"{k}_size_in_bytes", 0))
+        for k in ("argument", "output", "alias", "temp")
+    }
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def time_steps(algo, state, sampler, steps: int, repeats: int) -> dict:
+    """Compile ``steps`` steps as one scan (what ``jd.run`` runs per chunk, state
+    donated) and time it; returns seconds per step, compile seconds, memory."""
+    key = jax.random.key(1)
+
+    def chunk(s, smp):
+        return jd.run_traced(algo, s, smp, key, steps)
+
+    compiled, t_compile = _compile(chunk, state, sampler)
+    box = [_copy(state)]
+
+    def call():
+        box[0], summ = compiled(box[0], sampler)
+        return summ
+
+    t = _best(call, repeats)
+    return {
+        "s_per_step": t / steps,
+        "compile_s": t_compile,
+        "memory": _memory(compiled),
+    }
+
+
+def time_mix(mix, params, steps: int, repeats: int) -> float:
+    """Seconds per application of ``mix`` to the parameters alone."""
+
+    def f(p):
+        return jax.lax.fori_loop(0, steps, lambda t, q: mix(q, t), p)
+
+    compiled, _ = _compile(f, params)
+    box = [_copy(params)]
+
+    def call():
+        box[0] = compiled(box[0])
+        return box[0]
+
+    return _best(call, repeats) / steps
+
+
+def time_grad(loss, params, sampler, repeats: int) -> tuple[float, float | None]:
+    """Seconds of one vmapped ``value_and_grad`` on a fixed batch, and XLA's own
+    FLOP count of that program."""
+    n = jd.tree.num_workers(params)
+    batch = jax.jit(sampler)(jax.random.key(2), 0)
+    keys = jax.random.split(jax.random.key(3), n)
+    vg = jax.vmap(jax.value_and_grad(loss))
+    compiled, _ = _compile(vg, params, batch, keys, donate=())
+    try:
+        ca = compiled.cost_analysis()
+        ca = ca[0] if isinstance(ca, list) else ca
+        xla_flops = float(ca.get("flops", float("nan")))
+    except Exception:  # cost analysis is optional on some backends
+        xla_flops = None
+    return _best(lambda: compiled(params, batch, keys), repeats), xla_flops
+
+
+# -------------------------------------------------------------------- the loop
+
+
+_LOOP_FNS: dict = {}
+
+
+def _loop_fns(loss):
+    """Jitted one-worker gradient step and neighbour average (built once per loss)."""
+    if id(loss) not in _LOOP_FNS:
+        grad = jax.grad(loss)
+
+        @jax.jit
+        def local_step(p, x, y, key_data):  # x_i <- x_i - lr g_i
+            g = grad(p, (x, y), jax.random.wrap_key_data(key_data))
+            return jax.tree.map(lambda a, gg: a - LR * gg, p, g)
+
+        @jax.jit
+        def average(ws, ps):  # x_i <- sum_j W_ij x_j over the neighbourhood of i
+            return jax.tree.map(
+                lambda *xs: sum(ws[k] * x for k, x in enumerate(xs)), *ps
+            )
+
+        _LOOP_FNS[id(loss)] = (local_step, average)
+    return _LOOP_FNS[id(loss)]
+
+
+def loop_bench(n, loss, params, sampler, W, steps: int, repeats: int) -> dict:
+    """The same D-SGD math as a Python loop over workers (jitted per-worker calls:
+    gradient step, then neighbour average), fed with the same minibatches and keys
+    as the vmapped program (``jd.run``'s :func:`step_keys`)."""
+    local_step, average = _loop_fns(loss)
+    nbrs = [np.flatnonzero(W[i]) for i in range(n)]
+    weights = [jax.device_put(W[i, nb].astype(np.float32)) for i, nb in enumerate(nbrs)]
+    host = jax.tree.map(np.asarray, params)
+    workers = [
+        jax.tree.map(lambda a, i=i: jax.device_put(a[i]), host) for i in range(n)
+    ]
+    key = jax.random.key(1)
+
+    @jax.jit
+    def batch_and_keys(smp, t):  # the minibatches and worker keys of step t
+        k_data, k_algo = step_keys(key, t)
+        xb, yb = smp(k_data, t)
+        return xb, yb, jax.random.key_data(jax.random.split(k_algo, n))
+
+    def run(ws, t0, num):
+        for t in range(t0, t0 + num):
+            xb, yb, kd = map(np.asarray, batch_and_keys(sampler, np.int32(t)))
+            ws = [local_step(ws[i], xb[i], yb[i], kd[i]) for i in range(n)]
+            ws = [average(weights[i], [ws[j] for j in nbrs[i]]) for i in range(n)]
+        return ws
+
+    first = run(workers, 0, 1)  # warm-up, and step 0 to check against vmapped
+    algo = jd.algorithms.dsgd(loss, optax.sgd(LR), jd.gossip.sparse(W))
+
+    @jax.jit
+    def ref_step(p, smp):
+        k_data, k_algo = step_keys(key, jnp.int32(0))
+        return algo.step(algo.init(p), smp(k_data, jnp.int32(0)), k_algo)[0].params
+
+    ref = jax.tree.leaves(ref_step(params, sampler))
+    got = zip(*[jax.tree.leaves(w) for w in first], strict=True)
+    diff = max(
+        float(np.max(np.abs(np.stack(a) - np.asarray(b))))
+        for a, b in zip(got, ref, strict=True)
+    )
+    best = math.inf
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        jax.block_until_ready(run(first, 1, steps))
+        best = min(best, time.perf_counter() - tic)
+    return {"s_per_step": best / steps, "steps": steps, "max_abs_diff": diff}
+
+
+# -------------------------------------------------------------------- sweeps
+
+
+def _steps_for(n: int, quick: bool) -> int:
+    return int(np.clip((2**13 if quick else 2**15) // n, 2, 40))
+
+
+def bench_size(n: int, args, peak: Peak, mesh) -> dict:
+    hidden, batch, reps = args.hidden, args.batch, args.repeats
+    _, loss, params, sampler = workload(n, hidden, batch)
+    W = jd.topology.mixing_matrix(jd.topology.ring(n))
+    steps = _steps_for(n, args.quick)
+    row: dict = {"n": n, "steps_timed": steps}
+
+    def dsgd(mix):
+        return jd.algorithms.dsgd(loss, optax.sgd(LR), mix)
+
+    sparse = dsgd(jd.gossip.sparse(W))
+    r = time_steps(sparse, sparse.init(_copy(params)), sampler, steps, reps)
+    row["sparse"] = r
+    if n <= args.dense_max:
+        dense = dsgd(jd.gossip.dense(W))
+        row["dense"] = time_steps(
+            dense, dense.init(_copy(params)), sampler, steps, reps
+        )
+    D = mesh.devices.size
+    if n % D == 0:
+        sh = dsgd(sharding.ppermute_gossip(W, mesh))
+        st = sharding.shard_workers(sh.init(_copy(params)), mesh)
+        row["sharded"] = time_steps(
+            sh, st, sharding.shard_workers(sampler, mesh), steps, reps
+        )
+        row["sharded"]["devices"] = D
+    row["gossip_s"] = time_mix(jd.gossip.sparse(W), params, steps, reps)
+    peak.measure(reps)
+    t_grad, xla_flops = time_grad(loss, params, sampler, reps)
+    peak.measure(reps)
+    flops = n * matmul_flops(hidden, batch)
+    row["grad_s"] = t_grad
+    row["grad_matmul_flops"] = flops
+    row["grad_xla_flops"] = xla_flops
+    row["grad_flops_per_s"] = flops / t_grad
+    if n <= args.loop_max:
+        loop_steps = int(max(1, min(steps, 256 // n)))
+        row["loop"] = loop_bench(n, loss, params, sampler, W, loop_steps, 2)
+    for k in ("sparse", "dense", "sharded", "loop"):
+        if k in row:
+            row[k]["worker_steps_per_s"] = n / row[k]["s_per_step"]
+    if "loop" in row:
+        for k in ("sparse", "dense", "sharded"):
+            if k in row:
+                row[f"speedup_{k}_vs_loop"] = (
+                    row["loop"]["s_per_step"] / row[k]["s_per_step"]
+                )
+    t_step = row["sparse"]["s_per_step"]
+    row["frac_grad"] = t_grad / t_step
+    row["frac_gossip"] = row["gossip_s"] / t_step
+    row["frac_other"] = 1.0 - row["frac_grad"] - row["frac_gossip"]
+    mem = row["sparse"]["memory"]
+    if mem:
+        row["bytes_per_worker"] = mem["peak"] / n
+    print(_line(row), flush=True)
+    return row
+
+
+def memory_table(args) -> list[dict]:
+    """Compiled peak bytes per worker (one D-SGD step, sparse ring gossip, state
+    donated) for the MLP and LeNet-5 in several precision / remat settings."""
+    n = args.memory_n
+    W = jd.topology.mixing_matrix(jd.topology.ring(n))
+    variants = ["f32"] if args.quick else ["f32", "bf16", "remat", "bf16+remat"]
+    rows = []
+    for model_name in ("mlp", "cnn"):
+        _, loss0, params0, sampler = workload(n, args.hidden, args.batch, model_name)
+        for v in variants:
+            loss, params = loss0, params0
+            if "bf16" in v:
+                loss = sharding.float32_loss(loss)
+                params = sharding.cast_floats(params, jnp.bfloat16)
+            if "remat" in v:
+                loss = sharding.remat(loss)
+            algo = jd.algorithms.dsgd(loss, optax.sgd(LR), jd.gossip.sparse(W))
+            state = algo.init(_copy(params))
+            key = jax.random.key(1)
+
+            def one(s, smp, algo=algo, key=key):
+                return jd.run_traced(algo, s, smp, key, 1)
+
+            compiled, t_c = _compile(one, state, sampler)
+            mem = _memory(compiled)
+            state_b = sum(x.nbytes for x in jax.tree.leaves(state)) / n
+            data_b = sum(x.nbytes for x in jax.tree.leaves(sampler)) / n
+            per = mem.get("peak", float("nan")) / n
+            rows.append(
+                {
+                    "model": model_name,
+                    "variant": v,
+                    "n": n,
+                    "params_per_worker": jd.tree.num_params(params),
+                    "state_bytes_per_worker": state_b,
+                    "data_bytes_per_worker": data_b,
+                    "temp_bytes_per_worker": mem.get("temp", float("nan")) / n,
+                    "bytes_per_worker": per,
+                    "workers_per_gib": 2**30 / per,
+                    "compile_s": t_c,
+                }
+            )
+            print(
+                f"memory {model_name:>3} {v:<10} {per / 1024:8.1f} KiB/worker "
+                f"-> {2**30 / per:9.0f} workers/GiB",
+                flush=True,
+            )
+    return rows
+
+
+# ------------------------------------------------------------------- targets
+
+
+def targets(rows: list[dict], peak: float) -> list[dict]:
+    by_n = {r["n"]: r for r in rows}
+    out = []
+    if 1024 in by_n and "speedup_sparse_vs_loop" in by_n[1024]:
+        v = by_n[1024]["speedup_sparse_vs_loop"]
+        out.append(
+            _target("D-SGD sparse step at n=1024 vs per-worker loop", v, ">=", 20)
+        )
+    if 1024 in by_n and 16384 in by_n:
+        v = (
+            by_n[1024]["sparse"]["worker_steps_per_s"]
+            / by_n[16384]["sparse"]["worker_steps_per_s"]
+        )
+        out.append(
+            _target("sparse per-worker throughput n=1024 / n=16384", v, "<=", 1.5)
+        )
+    big = [r for r in rows if r["n"] >= 256]
+    for r in big:
+        v = r["grad_flops_per_s"] / peak
+        out.append(
+            _target(f"gradient FLOP/s / matmul peak at n={r['n']}", v, ">=", 0.30)
+        )
+    return out
+
+
+def _target(name, value, op, bound):
+    ok = value >= bound if op == ">=" else value <= bound
+    return {"claim": name, "value": value, "op": op, "bound": bound, "pass": ok}
+
+
+# -------------------------------------------------------------------- output
+
+
+def _g(v, f="{:.3g}"):
+    return "-" if v is None else f.format(v)
+
+
+def _ws(r, k):
+    return r[k]["worker_steps_per_s"] if k in r else None
+
+
+def _line(r) -> str:
+    return (
+        f"n={r['n']:>6}  sparse {_g(_ws(r, 'sparse')):>8} w-steps/s  "
+        f"dense {_g(_ws(r, 'dense')):>8}  sharded {_g(_ws(r, 'sharded')):>8}  "
+        f"loop {_g(_ws(r, 'loop')):>8}  sparse/loop "
+        f"{_g(r.get('speedup_sparse_vs_loop'), '{:.1f}x'):>6}  grad "
+        f"{r['frac_grad']:.0%} gossip {r['frac_gossip']:.0%}  "
+        f"{r['grad_flops_per_s'] / 1e9:.1f} GFLOP/s"
+    )
+
+
+def markdown(report: dict) -> str:
+    m, rows, peak = report["machine"], report["rows"], report["peak_flops_per_s"]
+    dev = m["device_kind"] if m["backend"] != "cpu" else f"CPU ({m['processor']})"
+    busy = max(m["loadavg_start"][0], m["loadavg_end"][0]) > (m["cpu_count"] or 1)
+    D = next((r["sharded"]["devices"] for r in rows if "sharded" in r), 1)
+    md = [
+        f"# jaxdec benchmark ({'quick' if report['config']['quick'] else 'full'})",
+        "",
+        f"- device: **{dev}**, backend `{m['backend']}`, {m['num_devices']} device(s),"
+        f" {m['cpu_count']} CPU cores, jax {m['jax']}",
+        f"- measured f32 matmul peak: **{peak / 1e9:.1f} GFLOP/s** "
+        f"({report['peak_size']}x{report['peak_size']}, best of the run)",
+        f"- workload: D-SGD, MLP 64-{'-'.join(map(str, report['config']['hidden']))}"
+        f"-10 on digits, batch {report['config']['batch']}, ring gossip",
+        f"- load average start / end: {m['loadavg_start'][0]:.1f} / "
+        f"{m['loadavg_end'][0]:.1f}"
+        + (" (**busy machine: other processes competed for the CPU**)" if busy else ""),
+        "",
+        "## Throughput (worker-steps / s)",
+        "",
+        f"| n | dense | sparse | sharded (D={D}) | per-worker loop | sparse / loop "
+        "| dense / loop |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['n']} | {_g(_ws(r, 'dense'))} | {_g(_ws(r, 'sparse'))} "
+            f"| {_g(_ws(r, 'sharded'))} | {_g(_ws(r, 'loop'))} "
+            f"| {_g(r.get('speedup_sparse_vs_loop'), '{:.1f}x')} "
+            f"| {_g(r.get('speedup_dense_vs_loop'), '{:.1f}x')} |"
+        )
+    md += [
+        "",
+        "## Where the time goes (sparse step)",
+        "",
+        "| n | ms / step | gradient | gossip | rest | gradient GFLOP/s | % of peak "
+        "| compile s | KiB / worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['n']} | {r['sparse']['s_per_step'] * 1e3:.3g} "
+            f"| {r['frac_grad']:.0%} | {r['frac_gossip']:.0%} | {r['frac_other']:.0%} "
+            f"| {r['grad_flops_per_s'] / 1e9:.1f} "
+            f"| {r['grad_flops_per_s'] / peak:.0%} "
+            f"| {r['sparse']['compile_s']:.2f} "
+            f"| {_g(r.get('bytes_per_worker', 0) / 1024, '{:.1f}')} |"
+        )
+    if report.get("memory"):
+        md += [
+            "",
+            f"## Memory per worker (compiled D-SGD step, n={report['memory'][0]['n']})",
+            "",
+            "| model | storage | params / worker | state B | data B | temp B "
+            "| total KiB | workers / GiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in report["memory"]:
+            md.append(
+                f"| {r['model']} | {r['variant']} | {r['params_per_worker']} "
+                f"| {r['state_bytes_per_worker']:.0f} "
+                f"| {r['data_bytes_per_worker']:.0f} "
+                f"| {r['temp_bytes_per_worker']:.0f} "
+                f"| {r['bytes_per_worker'] / 1024:.1f} "
+                f"| {r['workers_per_gib']:.0f} |"
+            )
+    if report["targets"]:
+        md += ["", "## Targets", ""]
+        for t in report["targets"]:
+            md.append(
+                f"- {'PASS' if t['pass'] else 'MISS'}: {t['claim']} = "
+                f"{t['value']:.3g} (target {t['op']} {t['bound']})"
+            )
+    return "\n".join(md) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for k, style in (
+        ("dense", "s-"),
+        ("sparse", "o-"),
+        ("sharded", "^-"),
+        ("loop", "x--"),
+    ):
+        pts = [(r["n"], _ws(r, k)) for r in rows if k in r]
+        if pts:
+            ax[0].plot(*zip(*pts, strict=True), style, label=k)
+    ax[0].set(xscale="log", yscale="log", xlabel="workers n", ylabel="worker-steps / s")
+    ax[0].legend()
+    ax[0].set_title(report["machine"]["device_kind"])
+    ns = [str(r["n"]) for r in rows]
+    bottom = np.zeros(len(rows))
+    for k in ("frac_grad", "frac_gossip", "frac_other"):
+        v = np.clip([r[k] for r in rows], 0, None)
+        ax[1].bar(ns, v, bottom=bottom, label=k[5:])
+        bottom += v
+    ax[1].set(xlabel="workers n", ylabel="fraction of sparse step time")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args=None) -> dict:
+    args = args or ARGS or _parse([])
+    tic = time.perf_counter()
+    report = {"machine": machine_info(), "config": dict(vars(args))}
+    print(
+        f"jaxdec bench on {report['machine']['device_kind']} "
+        f"({report['machine']['backend']}, {jax.device_count()} devices), "
+        f"load {report['machine']['loadavg_start'][0]:.1f}",
+        flush=True,
+    )
+    on_cpu = jax.default_backend() == "cpu"
+    peak = Peak(args.peak_size or (2048 if on_cpu else 8192))
+    peak.measure(args.repeats)
+    mesh = sharding.worker_mesh()
+    rows = [bench_size(n, args, peak, mesh) for n in args.sizes]
+    report["memory"] = memory_table(args) if args.memory else []
+    peak.measure()
+    report["peak_size"] = peak.N
+    report["peak_flops_per_s"] = peak.best
+    report["peak_samples"] = peak.samples
+    report["rows"] = rows
+    report["targets"] = targets(rows, peak.best)
+    report["machine"]["loadavg_end"] = list(os.getloadavg())
+    report["wall_s"] = time.perf_counter() - tic
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    md = markdown(report)
+    (out / "bench.md").write_text(md)
+    plot(report, out / "bench.png")
+    print(md)
+    print(f"wrote {out}/bench.json, bench.md, bench.png in {report['wall_s']:.0f} s")
+    return report
+
+
+if __name__ == "__main__":
+    main()

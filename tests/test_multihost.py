@@ -1,0 +1,103 @@
+"""Multi-host: a D-SGD job run as 2 cooperating JAX processes (2 CPU devices each,
+gloo collectives, jax.distributed) matches the same job in one process."""
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdec as jd
+from jaxdec import launch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from test_sharding import FAST, problem  # noqa: E402
+
+N, STEPS = 16, 6
+
+JOB = r"""
+import sys
+from jaxdec import launch
+launch.initialize()                       # before any JAX computation
+import jax, numpy as np
+import jaxdec as jd
+from jaxdec import sharding, topology
+sys.path.insert(0, sys.argv[2])
+from test_multihost import N, STEPS
+from test_sharding import problem
+
+assert jax.process_count() == 2 and len(jax.devices()) == 4
+assert len(jax.local_devices()) == 2
+mesh = sharding.worker_mesh()             # 4 devices over 2 processes
+W = topology.mixing_matrix(topology.ring(N))
+algo, state, sampler, ev = problem("dsgd", W, mesh, n=N)
+state, hist = jd.run(algo, state, sampler, jax.random.key(5), STEPS, eval_every=3,
+                     eval_fn=ev, progress=False)
+params = sharding.gather(state.params)    # full arrays on every process
+if jax.process_index() == 0:
+    np.savez(sys.argv[1], loss=hist.train["loss"],
+             acc=hist.eval["local_acc_mean"], **params)
+print("process", jax.process_index(), "done", flush=True)
+"""
+
+
+def test_two_process_dsgd_matches_single_process(tmp_path):
+    job = tmp_path / "job.py"
+    job.write_text(JOB)
+    out = tmp_path / "out.npz"
+    env = {"PYTHONPATH": str(ROOT), "XLA_FLAGS": FAST}
+    res = launch.launch_local(
+        [str(job), str(out), str(Path(__file__).parent)],
+        2,
+        local_devices=2,
+        env=env,
+        timeout_s=300,
+    )
+    assert [r.stdout.strip().splitlines()[-1] for r in res] == [
+        "process 0 done",
+        "process 1 done",
+    ]
+    got = dict(np.load(out))
+    # the same job in this process: one device, gossip.sparse, metrics.evaluator
+    W = jd.topology.mixing_matrix(jd.topology.ring(N))
+    algo, state, sampler, ev = problem("dsgd", W, None, n=N)
+    state, hist = jd.run(
+        algo,
+        state,
+        sampler,
+        jax.random.key(5),
+        STEPS,
+        eval_every=3,
+        eval_fn=ev,
+        progress=False,
+    )
+    for k, v in state.params.items():
+        np.testing.assert_allclose(got[k], np.asarray(v), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(got["loss"], hist.train["loss"], rtol=2e-5)
+    np.testing.assert_allclose(got["acc"], hist.eval["local_acc_mean"], atol=1e-6)
+    assert got["loss"][-1] < got["loss"][0]
+
+
+def test_initialize_rejects_partial_config(monkeypatch):
+    monkeypatch.setenv("JAXDEC_COORDINATOR", "127.0.0.1:1234")
+    monkeypatch.delenv("JAXDEC_NUM_PROCESSES", raising=False)
+    monkeypatch.delenv("JAXDEC_PROCESS_ID", raising=False)
+    with pytest.raises(ValueError, match="give all of coordinator_address"):
+        launch.initialize()
+    with pytest.raises(ValueError, match="process_id=3 must lie in"):
+        launch.initialize("127.0.0.1:1234", 2, 3)
+
+
+def test_launch_local_reports_a_failing_process(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import os, sys, time\n"
+        "if os.environ['JAXDEC_PROCESS_ID'] == '1': sys.exit('boom')\n"
+        "time.sleep(60)\n"
+    )
+    with pytest.raises(RuntimeError, match="process 1 failed"):
+        launch.launch_local([str(bad)], 2, timeout_s=30, env={"PYTHONPATH": ""})
+    assert os.environ.get("JAXDEC_PROCESS_ID") is None
