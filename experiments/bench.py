@@ -275,6 +275,29 @@ def time_grad(loss, params, sampler, repeats: int) -> tuple[float, float | None]
     return _best(lambda: compiled(params, batch, keys), repeats), xla_flops
 
 
+def time_parts(params, sampler, repeats: int) -> dict:
+    """Seconds of the step's other parts, each as one call: drawing the minibatches
+    (``sampler``) and the per-step diagnostics every algorithm reports
+    (``consensus_distance`` and the per-worker finiteness flags)."""
+    from jaxdec.algorithms import _common
+
+    n = jd.tree.num_workers(params)
+    smp, _ = _compile(
+        lambda s, k: s(k, jnp.int32(0)), sampler, jax.random.key(2), donate=()
+    )
+    key = jax.random.key(2)
+
+    def diag(p):
+        loss = jnp.zeros((n,), jnp.float32)
+        return jd.tree.consensus_distance(p), _common.all_finite(loss, p)
+
+    dg, _ = _compile(diag, params, donate=())
+    return {
+        "sample_s": _best(lambda: smp(sampler, key), repeats),
+        "diagnostics_s": _best(lambda: dg(params), repeats),
+    }
+
+
 # -------------------------------------------------------------------- the loop
 
 
@@ -352,6 +375,9 @@ def loop_bench(n, loss, params, sampler, W, steps: int, repeats: int) -> dict:
 # -------------------------------------------------------------------- sweeps
 
 
+_PARTS = ("grad", "gossip", "sample", "diagnostics")
+
+
 def _steps_for(n: int, quick: bool) -> int:
     return int(np.clip((2**13 if quick else 2**15) // n, 2, 40))
 
@@ -369,10 +395,11 @@ def bench_size(n: int, args, peak: Peak, mesh) -> dict:
     sparse = dsgd(jd.gossip.sparse(W))
     r = time_steps(sparse, sparse.init(_copy(params)), sampler, steps, reps)
     row["sparse"] = r
-    if n <= args.dense_max:
+    if n <= args.dense_max:  # O(n^2 d) per step: fewer steps per timed call
         dense = dsgd(jd.gossip.dense(W))
+        d_steps = int(np.clip(steps * 256 // n, 2, steps))
         row["dense"] = time_steps(
-            dense, dense.init(_copy(params)), sampler, steps, reps
+            dense, dense.init(_copy(params)), sampler, d_steps, reps
         )
     D = mesh.devices.size
     if n % D == 0:
@@ -403,10 +430,13 @@ def bench_size(n: int, args, peak: Peak, mesh) -> dict:
                 row[f"speedup_{k}_vs_loop"] = (
                     row["loop"]["s_per_step"] / row[k]["s_per_step"]
                 )
+    row.update(time_parts(params, sampler, reps))
     t_step = row["sparse"]["s_per_step"]
     row["frac_grad"] = t_grad / t_step
     row["frac_gossip"] = row["gossip_s"] / t_step
-    row["frac_other"] = 1.0 - row["frac_grad"] - row["frac_gossip"]
+    row["frac_sample"] = row["sample_s"] / t_step
+    row["frac_diagnostics"] = row["diagnostics_s"] / t_step
+    row["frac_other"] = 1.0 - sum(row[f"frac_{k}"] for k in _PARTS)
     mem = row["sparse"]["memory"]
     if mem:
         row["bytes_per_worker"] = mem["peak"] / n
@@ -514,7 +544,8 @@ def _line(r) -> str:
         f"dense {_g(_ws(r, 'dense')):>8}  sharded {_g(_ws(r, 'sharded')):>8}  "
         f"loop {_g(_ws(r, 'loop')):>8}  sparse/loop "
         f"{_g(r.get('speedup_sparse_vs_loop'), '{:.1f}x'):>6}  grad "
-        f"{r['frac_grad']:.0%} gossip {r['frac_gossip']:.0%}  "
+        f"{r['frac_grad']:.0%} gossip {r['frac_gossip']:.0%} sample "
+        f"{r['frac_sample']:.0%} diag {r['frac_diagnostics']:.0%}  "
         f"{r['grad_flops_per_s'] / 1e9:.1f} GFLOP/s"
     )
 
@@ -554,15 +585,20 @@ def markdown(report: dict) -> str:
         "",
         "## Where the time goes (sparse step)",
         "",
-        "| n | ms / step | gradient | gossip | rest | gradient GFLOP/s | % of peak "
-        "| compile s | KiB / worker |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "Fractions of the sparse step: the vmapped gradient, gossip, drawing the "
+        "minibatches, the diagnostics (consensus distance, finiteness flags), and "
+        "the rest (update, summaries, loop overhead; negative when the parts timed "
+        "alone overlap less well than inside the step).",
+        "",
+        "| n | ms / step | gradient | gossip | sample | diagnostics | rest "
+        "| gradient GFLOP/s | % of peak | compile s | KiB / worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         md.append(
             f"| {r['n']} | {r['sparse']['s_per_step'] * 1e3:.3g} "
-            f"| {r['frac_grad']:.0%} | {r['frac_gossip']:.0%} | {r['frac_other']:.0%} "
-            f"| {r['grad_flops_per_s'] / 1e9:.1f} "
+            + "".join(f"| {r[f'frac_{k}']:.0%} " for k in (*_PARTS, "other"))
+            + f"| {r['grad_flops_per_s'] / 1e9:.1f} "
             f"| {r['grad_flops_per_s'] / peak:.0%} "
             f"| {r['sparse']['compile_s']:.2f} "
             f"| {_g(r.get('bytes_per_worker', 0) / 1024, '{:.1f}')} |"
@@ -617,9 +653,9 @@ def plot(report: dict, path: Path) -> None:
     ax[0].set_title(report["machine"]["device_kind"])
     ns = [str(r["n"]) for r in rows]
     bottom = np.zeros(len(rows))
-    for k in ("frac_grad", "frac_gossip", "frac_other"):
-        v = np.clip([r[k] for r in rows], 0, None)
-        ax[1].bar(ns, v, bottom=bottom, label=k[5:])
+    for k in (*_PARTS, "other"):
+        v = np.clip([r[f"frac_{k}"] for r in rows], 0, None)
+        ax[1].bar(ns, v, bottom=bottom, label=k)
         bottom += v
     ax[1].set(xlabel="workers n", ylabel="fraction of sparse step time")
     ax[1].legend()

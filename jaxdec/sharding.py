@@ -270,6 +270,15 @@ def constrain(tree: PyTree, mesh: Mesh, *, axis_name: str | None = None) -> PyTr
 # ------------------------------------------------------------------------- gossip
 
 
+def _shifts_of(Wn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Non-zeros of ``W`` as ``(s, i, j)`` with ``s = (j - i) mod n``, sorted by s."""
+    n = Wn.shape[0]
+    i, j = np.nonzero(Wn)
+    s = (j - i) % n
+    order = np.argsort(s, kind="stable")
+    return s[order], i[order], j[order]
+
+
 def shift_decomposition(W: np.typing.ArrayLike) -> dict[int, np.ndarray]:
     """``W = sum_s diag(a_s) P^s``: ``{s: a_s}`` with ``a_s[i] = W[i, (i+s) mod n]``.
 
@@ -280,12 +289,16 @@ def shift_decomposition(W: np.typing.ArrayLike) -> dict[int, np.ndarray]:
     """
     Wn = np.asarray(W, dtype=np.float64)
     n = Wn.shape[0]
-    i = np.arange(n)
+    s, i, j = _shifts_of(Wn)
     out = {}
-    for s in range(n):
-        a = Wn[i, (i + s) % n]
-        if np.any(a != 0):
-            out[s] = a
+    bounds = np.flatnonzero(np.diff(s)) + 1
+    for si, ii, jj in zip(
+        np.split(s, bounds), np.split(i, bounds), np.split(j, bounds), strict=True
+    ):
+        if si.size:
+            a = np.zeros(n)
+            a[ii] = Wn[ii, jj]
+            out[int(si[0])] = a
     return out
 
 
@@ -404,13 +417,14 @@ def ppermute_gossip(
 
         return gossip.Mixer(dense_fn, sends, n, f"sharded_dense(n={n}, D={D})")
 
-    shifts = shift_decomposition(Wn)
     k_max = int((Wn != 0).sum(axis=1).max())
     budget = 2 * k_max if max_shifts is None else int(max_shifts)
     if method == "auto":
-        method = "shift" if len(shifts) <= budget else "gather"
+        num_shifts = np.unique(_shifts_of(Wn)[0]).size
+        method = "shift" if num_shifts <= budget else "gather"
 
     if method == "shift":
+        shifts = shift_decomposition(Wn)
         const = {s: float(a[0]) for s, a in shifts.items() if np.all(a == a[0])}
         var = [s for s in shifts if s not in const]
         a_var = jnp.asarray(

@@ -50,7 +50,8 @@ def test_bench_runs_and_writes_its_report(tmp_path):
         for k in ("sparse", "sharded"):
             assert r[k]["worker_steps_per_s"] > 0 and r[k]["compile_s"] > 0
         assert r["grad_flops_per_s"] > 0 and r["bytes_per_worker"] > 0
-        assert abs(r["frac_grad"] + r["frac_gossip"] + r["frac_other"] - 1) < 1e-9
+        parts = ("grad", "gossip", "sample", "diagnostics", "other")
+        assert abs(sum(r[f"frac_{k}"] for k in parts) - 1) < 1e-9
     assert report["peak_flops_per_s"] > 0
     assert report["machine"]["backend"] == "cpu"
     assert {m["model"] for m in report["memory"]} == {"mlp", "cnn"}
