@@ -104,7 +104,7 @@ def test_hopkins_matches_reference_and_is_deterministic():
     assert 0.0 <= h <= 1.0
 
 
-_hop20 = jax.jit(jax.vmap(lambda k, Z: C.hopkins(k, Z, 200), in_axes=(0, None)))
+_hop20 = jax.jit(lambda keys, Z: jax.lax.map(lambda k: C.hopkins(k, Z, 200), keys))
 
 
 @pytest.mark.parametrize("d", [2, 10])

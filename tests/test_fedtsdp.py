@@ -211,6 +211,7 @@ def test_partial_participation_defers_clustering_to_a_full_round():
     assert rec["triggered"] and bool(st.clustered) and not bool(st.cluster_next)
 
 
+@pytest.mark.slow
 def test_planted_label_permutation_groups_are_recovered():
     """Two groups whose labels are permuted: predictions on public data disagree."""
     c, rounds, steps = 8, 4, 10

@@ -47,8 +47,9 @@ array they need):
 7. Adaptive personalization layers (R5): ``s_k = JS(h_k / n_k || uniform) / ln 2``
    from the client's label counts (``layer_rule="label"``) or
    ``s_k = JS(z_k || mean_i z_i) / ln 2`` from outputs (``"output"``, server side,
-   updated on every check); ``p_k = min(L_top, floor(s_k (L_top + 1)))``; an int
-   ``layer_rule`` fixes ``p_k`` for all clients.
+   updated for the participants of every check);
+   ``p_k = min(L_top, floor(s_k (L_top + 1)))``; an int ``layer_rule`` fixes ``p_k``
+   for all clients.
 8. Stage 1 (R1, R2): ``D(a, b) = sqrt(mean_j JS(P_a(x_j) || P_b(x_j)))``;
    average-linkage clustering; the number of coarse clusters maximizes the
    silhouette over ``{2..ceil(C/2)}`` (or ``n_clusters`` / ``coarse_threshold``).
@@ -366,7 +367,8 @@ def fedtsdp(
       patience: consecutive checks above ``h*`` needed.
       hopkins_repeats: ``R`` draws averaged per check.
       hopkins_exponent: ``e``.
-      hopkins_q: points sampled per draw (default ``max(2, floor(C/4))``).
+      hopkins_q: points sampled per draw (default ``max(2, floor(k/4))`` with ``k``
+        the round's participants).
       hopkins_points: ``"mean"`` (``z_k``) or ``"concat"`` (outputs on
         ``public_x[:32]``, flattened).
       public_batch: ``N_s`` public samples per check (``<= N_pub``).
