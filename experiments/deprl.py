@@ -577,24 +577,31 @@ def report(path: Path, out: Path, s: Setup, *, quick: bool = False) -> None:
     if sp:
         md += speedup_section(sp, s, summary, out, plt)
 
-    # curves: first seed of main, alpha = 0.1
+    # curves: mean over seeds, one panel per (alpha, body_steps)
     if g:
         sbs = sorted({r["body_steps"] for r in g})
-        fig, axes = plt.subplots(1, len(sbs), figsize=(6 * len(sbs), 4), squeeze=False)
-        for ax, sb in zip(axes[0], sbs, strict=True):
-            a0 = min(r["alpha"] for r in g)
-            for m in METHODS:
-                rr = _mean(g, alpha=a0, body_steps=sb, method=m)
-                if not rr:
-                    continue
-                c = np.mean([r["curve_pers_acc"] for r in rr], axis=0)
-                ax.plot(rr[0]["curve_rounds"], 100 * c, label=m)
-            ax.set_title(f"alpha = {a0}, body_steps = {sb} (test subset, mean seeds)")
-            ax.set_xlabel("round")
-            ax.set_ylabel("personalized accuracy (%)")
-            ax.set_ylim(bottom=50)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+        alphas = sorted({r["alpha"] for r in g})
+        fig, axes = plt.subplots(
+            len(alphas),
+            len(sbs),
+            figsize=(6 * len(sbs), 3.6 * len(alphas)),
+            squeeze=False,
+        )
+        for row, a0 in zip(axes, alphas, strict=True):
+            for ax, sb in zip(row, sbs, strict=True):
+                for m in METHODS:
+                    rr = _mean(g, alpha=a0, body_steps=sb, method=m)
+                    if not rr:
+                        continue
+                    c = np.mean([r["curve_pers_acc"] for r in rr], axis=0)
+                    ls = ":" if m == "D-PSGD+FT" else "-"
+                    ax.plot(rr[0]["curve_rounds"], 100 * c, ls, label=m)
+                ax.set_title(f"alpha = {a0}, body_steps = {sb}")
+                ax.set_xlabel("round")
+                ax.set_ylabel("pers. accuracy (%, test subset)")
+                ax.set_ylim(bottom=70 if a0 < 0.3 else 60)
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "curves.png", dpi=110)
         plt.close(fig)

@@ -404,9 +404,11 @@ def report(out: Path, recs_a: list[dict], recs: list[dict]) -> list[tuple[str, b
     summary: dict = {"A": [], "B": []}
     if recs_a:
         lines += [
-            "## A. Linear least squares (fp64, n = m = 20, C = 4, 300 rounds, s* = 10)",
+            f"## A. Linear least squares (fp64, n = m = 20, C = 4, "
+            f"{len(recs_a[0]['full']['loss']) - 1} rounds, s* = 10; reference s* = 1, "
+            f"{len(recs_a[0]['reference']['loss']) - 1} rounds)",
             "",
-            "| seed | reference (s*=1, 3000 rounds) | full | simplified | none | "
+            "| seed | reference | full | simplified | none | "
             "final ranks (full / simplified / none) | full non-increasing |",
             "|---:|---:|---:|---:|---:|---|---|",
         ]
@@ -445,7 +447,13 @@ def report(out: Path, recs_a: list[dict], recs: list[dict]) -> list[tuple[str, b
         groups: dict = {}
         notes: list[str] = []
         for r in recs:
-            tag = (r["model"], r["clients"], r["per_round"], r["split"])
+            tag = (
+                r["model"],
+                r["setup"]["dataset"],
+                r["clients"],
+                r["per_round"],
+                r["split"],
+            )
             groups.setdefault(tag, {}).setdefault(r["method"], []).append(r)
         lines += [
             "## B-D. Image classification (final test accuracy of the global model)",
@@ -455,13 +463,14 @@ def report(out: Path, recs_a: list[dict], recs: list[dict]) -> list[tuple[str, b
             "round at the active ranks (estimate, fwd + bwd). s / round: wall clock "
             "on a shared, loaded 2-core CPU (indicative only).",
             "",
-            "| model | C (per round) | split | rounds | method | seeds | accuracy | "
+            "| data | model | C (per round) | split | rounds | method | seeds | "
+            "accuracy | "
             "gap to FedAvg | floats / client / round | vs FedAvg | final ranks | "
             "client MACs vs FedAvg | s / round |",
-            "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
+            "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|",
         ]
         for tag, by in groups.items():
-            model, C, k, split = tag
+            model, dataset, C, k, split = tag
             base = by.get("fedavg")
             b_acc = _mean(base, "final_acc")[0] if base else float("nan")
             b_fl = _mean(base, "floats_per_round")[0] if base else float("nan")
@@ -482,7 +491,8 @@ def report(out: Path, recs_a: list[dict], recs: list[dict]) -> list[tuple[str, b
                     or "full"
                 )
                 lines.append(
-                    f"| {model} | {C} ({k or C}) | {split} | {rr[0]['rounds']} | "
+                    f"| {dataset} | {model} | {C} ({k or C}) | {split} | "
+                    f"{rr[0]['rounds']} | "
                     f"{method} | {len(rr)} | {100 * acc:.2f} ± {100 * sd:.2f} | "
                     f"{100 * (acc - b_acc):+.2f} | {fl:.3g} | {fl / b_fl:.1%} | "
                     f"{ranks} | {mac / b_mac:.2f} | "
@@ -491,6 +501,7 @@ def report(out: Path, recs_a: list[dict], recs: list[dict]) -> list[tuple[str, b
                 summary["B"].append(
                     {
                         "model": model,
+                        "dataset": dataset,
                         "clients": C,
                         "per_round": k,
                         "split": split,
@@ -510,6 +521,7 @@ def report(out: Path, recs_a: list[dict], recs: list[dict]) -> list[tuple[str, b
                     best = (method, acc, fl / b_fl, len(rr))
             if (
                 model == "mlp"
+                and dataset == "fashion_mnist"
                 and C == 8
                 and split in ("dir0.5", "dir0.1")
                 and best
@@ -563,7 +575,8 @@ def _plots_b(out: Path, groups: dict, plt) -> None:
         1, len(tags), figsize=(5 * len(tags), 3.8), squeeze=False
     )
     for j, tag in enumerate(tags):
-        title = f"{tag[0]} C={tag[1]}{'/' + str(tag[2]) if tag[2] else ''} {tag[3]}"
+        sub = f"/{tag[3]}" if tag[3] else ""
+        title = f"{tag[1]} {tag[0]} C={tag[2]}{sub} {tag[4]}"
         for method, rr in groups[tag].items():
             c = colors[method]
             steps = np.asarray(rr[0]["eval_rounds"])
@@ -608,6 +621,11 @@ def _plots_b(out: Path, groups: dict, plt) -> None:
 
 
 # ======================================================================== main
+
+
+def _key(setup: dict, split: str, seed: int, method: str) -> tuple:
+    """Identity of a run in runs.jsonl (a rerun skips runs already there)."""
+    return (setup["model"], setup["dataset"], setup["clients"], split, seed, method)
 
 
 def main() -> None:
@@ -672,19 +690,21 @@ def main() -> None:
                 for m in ("fedavg", "fedlrt_full", "fedlrt_none")
             ]
         if "D" in args.parts:
-            sd = dataclasses.replace(sb, model="cnn")
+            sd = dataclasses.replace(
+                sb, model="cnn", dataset="digits", batch=32, grad_batch=128
+            )
             todo += [
                 (sd, "dir0.5", args.seeds[0], m)
                 for m in ("fedavg", "fedlrt_full", "fedlrt_none")
             ]
-        done = {
-            (r["model"], r["clients"], r["split"], r["seed"], r["method"]) for r in recs
-        }
-        ds = load(sb) if todo else None
+        done = {_key(r["setup"], r["split"], r["seed"], r["method"]) for r in recs}
+        cache: dict = {}
         for s, split, seed, method in todo:
-            if (s.model, s.clients, split, seed, method) in done:
+            if _key(dataclasses.asdict(s), split, seed, method) in done:
                 continue
-            rec = run_b(s, ds, split, seed, method)
+            if s.dataset not in cache:
+                cache[s.dataset] = load(s)
+            rec = run_b(s, cache[s.dataset], split, seed, method)
             rec["setup"] = dataclasses.asdict(s)
             recs.append(rec)
             with open(path_b, "a") as f:

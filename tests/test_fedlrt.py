@@ -173,7 +173,10 @@ def test_fedlrt_matches_numpy(corr, k):
             assert float(info.floats_down) == down and float(info.floats_up) == up
 
 
-@pytest.mark.parametrize("corr, bias, k", [("none", False, 2), ("full", True, None)])
+@pytest.mark.parametrize(
+    "corr, bias, k",
+    [pytest.param("none", False, 2, marks=pytest.mark.slow), ("full", True, None)],
+)
 def test_full_rank_reduces_to_fedavg_and_fedlin(corr, bias, k):
     """r = n = m, theta = 0: FeDLRT rounds equal FedAvg / FedLin rounds."""
     with jax.enable_x64(True):
