@@ -64,7 +64,15 @@ import optax
 
 from jaxdec import lowrank as lr
 from jaxdec import tree as jtree
-from jaxdec.algorithms import fedlin as fl
+from jaxdec.algorithms.fedlin import (
+    check_round_args,
+    check_round_batch,
+    client_mean,
+    finite_flags,
+    local_loop,
+    select_clients,
+    take_clients,
+)
 from jaxdec.types import Algorithm, LossFn, PyTree
 
 __all__ = ["FeDLRTState", "FeDLRTInfo", "fedlrt", "CORRECTIONS"]
@@ -220,7 +228,7 @@ def fedlrt(
     Raises:
       ValueError: unknown mode names, bad ranks or tolerances (before compiling).
     """
-    w = fl.check_round_args(
+    w = check_round_args(
         "fedlrt", loss_fn, optimizer, local_steps, clients_per_round, weights
     )
     for name, v, ok in (
@@ -308,7 +316,7 @@ def fedlrt(
         return FeDLRTState(treedef.unflatten(leaves), ranks, jnp.zeros((), jnp.int32))
 
     def step(state: FeDLRTState, batch, key) -> tuple[FeDLRTState, FeDLRTInfo]:
-        gb, lb, C = fl.check_round_batch("fedlrt", batch, local_steps, True)
+        gb, lb, C = check_round_batch("fedlrt", batch, local_steps, True)
         flat, treedef = jax.tree_util.tree_flatten_with_path(
             state.params, is_leaf=lr.is_factors
         )
@@ -325,14 +333,14 @@ def fedlrt(
         dtype = leaves[fpos[0]]["S"].dtype
         t = state.count
         k_part, k_grad, k_local = jax.random.split(key, 3)
-        idx, _, p = fl.select_clients(
+        idx, _, p = select_clients(
             k_part, t, C, clients_per_round, w, dtype, "fedlrt"
         )
-        gb = fl.take_clients(gb, idx)
-        lb = fl.take_clients(lb, idx)
-        gkeys = fl.take_clients(jax.random.split(k_grad, C), idx)
-        lkeys = fl.take_clients(jax.random.split(k_local, C), idx)
-        mean = lambda tree: fl.client_mean(tree, p)  # noqa: E731
+        gb = take_clients(gb, idx)
+        lb = take_clients(lb, idx)
+        gkeys = take_clients(jax.random.split(k_grad, C), idx)
+        lkeys = take_clients(jax.random.split(k_local, C), idx)
+        mean = lambda tree: client_mean(tree, p)  # noqa: E731
 
         def full_loss(ls, b, kk):
             return loss_fn(treedef.unflatten(ls), b, kk)
@@ -439,7 +447,7 @@ def fedlrt(
                     out.append(x)
                 return treedef.unflatten(out)
 
-            y, loss = fl.local_loop(
+            y, loss = local_loop(
                 local_loss, optimizer, treedef.unflatten(x0), lb, lkeys, v, project
             )
             yl = treedef.flatten_up_to(y)
@@ -498,7 +506,7 @@ def fedlrt(
             floats_up=up,
             floats_down=down,
             clients=jnp.arange(C, dtype=jnp.int32) if idx is None else idx,
-            finite=fl.finite_flags(C, idx, loss, new_params),
+            finite=finite_flags(C, idx, loss, new_params),
         )
         return FeDLRTState(new_params, new_rank, t + 1), info
 
