@@ -180,7 +180,9 @@ def round_sampler(sampler: Sampler, steps: int) -> Sampler:
     def sample(inner, key, r):
         r = jnp.asarray(r, jnp.int32)
         ts = r * S + jnp.arange(S, dtype=jnp.int32)
-        out = jax.vmap(lambda t: inner(key, t))(ts)  # [S, n, b, ...]
+        # a loop, not a vmap: compiles the sampler once (vmapped PRNG code is slow
+        # to compile on CPU) and costs little next to S training steps
+        out = jax.lax.map(lambda t: inner(key, t), ts)  # [S, n, b, ...]
         return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
 
     return jax.tree_util.Partial(sample, sampler)
