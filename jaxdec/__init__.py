@@ -8,6 +8,7 @@
 from jaxdec import (
     algorithms,
     checkpoint,
+    clustering,
     data,
     gossip,
     hyper,
@@ -33,6 +34,7 @@ __all__ = [
     "MixingFn",
     "algorithms",
     "checkpoint",
+    "clustering",
     "data",
     "metrics",
     "models",
