@@ -333,9 +333,7 @@ def fedlrt(
         dtype = leaves[fpos[0]]["S"].dtype
         t = state.count
         k_part, k_grad, k_local = jax.random.split(key, 3)
-        idx, _, p = select_clients(
-            k_part, t, C, clients_per_round, w, dtype, "fedlrt"
-        )
+        idx, _, p = select_clients(k_part, t, C, clients_per_round, w, dtype, "fedlrt")
         gb = take_clients(gb, idx)
         lb = take_clients(lb, idx)
         gkeys = take_clients(jax.random.split(k_grad, C), idx)
