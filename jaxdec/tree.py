@@ -131,10 +131,14 @@ def consensus_distance(tree: PyTree) -> jax.Array:
     """
 
     def leaf(x):
-        # shift by worker 0 first: exact zero when all workers agree
-        d = x.astype(jnp.float32) - x[:1].astype(jnp.float32)
-        d = d - mean0(d)[None]
-        return jnp.sum(jnp.square(d)) / x.shape[0]
+        x = x.astype(jnp.float32)
+        # two-pass (centred) sum of squares; exactly zero when all workers agree (the
+        # rounded mean could differ from the common value in the last bit). Centring
+        # on ``mean0(x)`` directly keeps XLA:CPU's fusions vectorized (~5x faster at
+        # n = 1024 than centring a shifted copy).
+        same = jnp.all(x == x[:1])
+        d = x - mean0(x)[None]
+        return jnp.where(same, 0.0, jnp.sum(jnp.square(d)) / x.shape[0])
 
     return sum((leaf(x) for x in jax.tree.leaves(tree)), jnp.zeros(()))
 
