@@ -375,9 +375,11 @@ def _check_distance_matrix(D, where: str) -> np.ndarray:
     if D.ndim != 2 or D.shape[0] != D.shape[1]:
         raise ValueError(f"{where}: need a square distance matrix, got {D.shape}.")
     if not np.all(np.isfinite(D)) or D.min() < 0:
+        bad, neg = int(np.sum(~np.isfinite(D))), int(np.sum(D < 0))
         raise ValueError(
-            f"{where}: distances must be finite and >= 0 (min {np.nanmin(D)}); check "
-            "the client outputs for NaN."
+            f"{where}: distances must be finite and >= 0 ({bad} non-finite, {neg} "
+            "negative entries); check the client "
+            "outputs for NaN."
         )
     return 0.5 * (D + D.T)
 
