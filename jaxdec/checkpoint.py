@@ -91,13 +91,33 @@ def _is_key(x: Any) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _host_array(x: Any) -> np.ndarray:
+    """The whole array on the host. A ``jax.Array`` spread over several processes
+    (multi-host sharding) is all-gathered first: every process must call
+    :func:`save` together, as the SPMD program does anyway."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def _on_devices_like(a: np.ndarray, leaf: jax.Array) -> jax.Array:
+    """Place host array ``a`` with ``leaf``'s sharding (each process builds only its
+    own shards, so this works for multi-host shardings too)."""
+    sharding = getattr(leaf, "sharding", None)
+    if sharding is None:
+        return jax.numpy.asarray(a)
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+
 def _to_host(tree: PyTree) -> tuple[list[np.ndarray], list[dict[str, Any]], str]:
     """Leaves as host NumPy arrays (keys as key data), their specs, the treedef."""
     leaves, treedef = jax.tree.flatten(tree)
     arrays, specs = [], []
     for leaf in leaves:
         key = _is_key(leaf)
-        a = np.asarray(jax.device_get(jax.random.key_data(leaf) if key else leaf))
+        a = _host_array(jax.random.key_data(leaf) if key else leaf)
         arrays.append(np.asarray(a, order="C"))
         specs.append(
             {
@@ -394,7 +414,7 @@ def restore(
         if _is_key(leaf):
             out.append(jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf)))
         elif isinstance(leaf, jax.Array):
-            out.append(jax.numpy.asarray(a))
+            out.append(_on_devices_like(a, leaf))
         else:
             out.append(a)
     try:

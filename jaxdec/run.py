@@ -447,14 +447,19 @@ def _fill_history(hist: History, train_parts, eval_steps, eval_rows) -> None:
 
 
 def _tree_finite(tree: PyTree) -> bool:
-    """Host check: every floating leaf of ``tree`` is finite."""
-    for leaf in jax.tree.leaves(tree):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            continue
-        a = np.asarray(jax.device_get(leaf))
-        if np.issubdtype(a.dtype, np.inexact) and not np.isfinite(a).all():
-            return False
-    return True
+    """Every floating leaf of ``tree`` is finite: one reduction on the devices, only
+    the flag comes back (works for sharded and multi-host state)."""
+    leaves = [
+        x
+        for x in jax.tree.leaves(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return bool(_all_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _restore_latest(jckpt, directory, state, key, start_step, end, steps):

@@ -1,5 +1,6 @@
 """Multi-host: a D-SGD job run as 2 cooperating JAX processes (2 CPU devices each,
-gloo collectives, jax.distributed) matches the same job in one process."""
+gloo collectives, jax.distributed) matches the same job in one process, and its
+checkpoints (written from state sharded over both processes) resume it exactly."""
 
 import os
 import sys
@@ -34,12 +35,22 @@ assert len(jax.local_devices()) == 2
 mesh = sharding.worker_mesh()             # 4 devices over 2 processes
 W = topology.mixing_matrix(topology.ring(N))
 algo, state, sampler, ev = problem("dsgd", W, mesh, n=N)
+state0 = state
+ck = sys.argv[3]
 state, hist = jd.run(algo, state, sampler, jax.random.key(5), STEPS, eval_every=3,
-                     eval_fn=ev, progress=False)
+                     eval_fn=ev, progress=False, checkpoint_dir=ck)
 params = sharding.gather(state.params)    # full arrays on every process
+# resume from the step-STEPS checkpoint (sharded over both processes) with a
+# scrambled initial state: only a real restore reproduces the one-process run
+junk = jax.tree.map(lambda x: x * 0 + 7, state0)
+state2, hist2 = jd.run(algo, junk, sampler, jax.random.key(5), STEPS + 3,
+                       eval_every=3, progress=False, checkpoint_dir=ck, resume=True)
+assert state2.params["w1"].sharding == state.params["w1"].sharding
+resumed = sharding.gather(state2.params)
 if jax.process_index() == 0:
     np.savez(sys.argv[1], loss=hist.train["loss"],
-             acc=hist.eval["local_acc_mean"], **params)
+             acc=hist.eval["local_acc_mean"], loss2=hist2.train["loss"], **params,
+             **{"resumed_" + k: v for k, v in resumed.items()})
 print("process", jax.process_index(), "done", flush=True)
 """
 
@@ -50,7 +61,7 @@ def test_two_process_dsgd_matches_single_process(tmp_path):
     out = tmp_path / "out.npz"
     env = {"PYTHONPATH": str(ROOT), "XLA_FLAGS": FAST}
     res = launch.launch_local(
-        [str(job), str(out), str(Path(__file__).parent)],
+        [str(job), str(out), str(Path(__file__).parent), str(tmp_path / "ckpt")],
         2,
         local_devices=2,
         env=env,
@@ -79,6 +90,16 @@ def test_two_process_dsgd_matches_single_process(tmp_path):
     np.testing.assert_allclose(got["loss"], hist.train["loss"], rtol=2e-5)
     np.testing.assert_allclose(got["acc"], hist.eval["local_acc_mean"], atol=1e-6)
     assert got["loss"][-1] < got["loss"][0]
+    # the resumed multi-host run continues the one-process run exactly
+    state, hist = jd.run(
+        algo, state, sampler, jax.random.key(5), 3, start_step=STEPS, progress=False
+    )
+    for k, v in state.params.items():
+        np.testing.assert_allclose(
+            got["resumed_" + k], np.asarray(v), rtol=2e-5, atol=2e-6
+        )
+    assert got["loss2"].shape == (STEPS + 3,)
+    np.testing.assert_allclose(got["loss2"][STEPS:], hist.train["loss"], rtol=2e-5)
 
 
 def test_initialize_rejects_partial_config(monkeypatch):
