@@ -424,6 +424,12 @@ def fedtsdp(
             f"fedtsdp: public_x must be [N_pub, ...] with N_pub >= 2, got {pub.shape}."
         )
     n_pub = int(pub.shape[0])
+    if isinstance(public_batch, (int, np.integer)) and public_batch > n_pub:
+        raise ValueError(
+            f"fedtsdp: public_batch={public_batch} exceeds the {n_pub} public samples "
+            f"(drawn without replacement); pass public_batch <= {n_pub} or a larger "
+            "public_x."
+        )
     n_s = _check_int(public_batch, "public_batch", 1, n_pub)
     beta = _check_float(beta, "beta", 0.0, 1.0)
     if isinstance(layer_rule, str):
