@@ -239,6 +239,7 @@ def run(
     keep_checkpoints: int = 3,
     resume: bool = False,
     donate: bool | str = True,
+    callback: Callable[[PyTree, int], PyTree | None] | None = None,
 ) -> tuple[PyTree, History]:
     """Run ``num_steps`` steps of ``algo`` from ``state``.
 
@@ -282,6 +283,13 @@ def run(
         once on device and stays valid), ``"input"`` also hands over the buffers
         of ``state`` itself (deleted afterwards; peak memory one state instead of
         two), ``False`` donates nothing.
+      callback: host hook between chunks, ``callback(state, t)`` after the chunk
+        ending at step ``t`` (after its evaluation, before its checkpoint). It may
+        return a replacement state of the same structure (a host-side event: a
+        clustering step, a hand-made schedule change, a data swap in the state),
+        which the next chunk continues from; ``None`` keeps the state. Keep it a
+        pure function of ``(state, t)`` so that runs stay reproducible and resumes
+        exact. Chunk boundaries are every ``eval_every`` steps.
 
     Sharding: a ``state`` (and sampler) placed with
     :func:`jaxdec.sharding.shard_workers` runs sharded; every step's state is pinned
@@ -309,6 +317,11 @@ def run(
             f"on_nonfinite must be 'stop', 'raise' or 'ignore', got {on_nonfinite!r}."
         )
     checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    if callback is not None and not callable(callback):
+        raise ValueError(
+            f"callback must be callable callback(state, step) -> state | None, got "
+            f"{type(callback).__name__}."
+        )
     if donate not in (True, False, "input"):
         raise ValueError(f"donate must be True, False or 'input', got {donate!r}.")
     if resume and checkpoint_dir is None:
@@ -412,6 +425,11 @@ def run(
                         raise Diverged(msg)
                     bar.write("jaxdec.run: stopping: " + msg)
                     break
+            if callback is not None:
+                new_state = callback(state, t)
+                if new_state is not None:
+                    _check_same_structure(state, new_state)
+                    state = new_state
             n_chunks = -(-(t - start_step) // chunk_len)
             if ckpt is not None and (n_chunks % checkpoint_every == 0 or t == end):
                 if _tree_finite(state):
@@ -434,6 +452,24 @@ def run(
     if jsonl is not None:
         hist.to_jsonl(jsonl)
     return state, hist
+
+
+def _check_same_structure(old: PyTree, new: PyTree) -> None:
+    """A callback's replacement state must fit the compiled chunk."""
+    a, b = jax.tree.structure(old), jax.tree.structure(new)
+    if a != b:
+        raise ValueError(
+            f"callback returned a state with another structure ({b}) than the run's "
+            f"({a}); return a state of the same type (e.g. state._replace(...)) or "
+            "None."
+        )
+    for x, y in zip(jax.tree.leaves(old), jax.tree.leaves(new), strict=True):
+        if jnp.shape(x) != jnp.shape(y) or jnp.result_type(x) != jnp.result_type(y):
+            raise ValueError(
+                f"callback returned a leaf {jnp.result_type(y)}{list(jnp.shape(y))} "
+                f"where the state has {jnp.result_type(x)}{list(jnp.shape(x))}; keep "
+                "shapes and dtypes (the chunk is compiled for them)."
+            )
 
 
 def _fill_history(hist: History, train_parts, eval_steps, eval_rows) -> None:

@@ -97,6 +97,43 @@ def test_run_equals_manual_loop_and_traced():
     np.testing.assert_allclose(s_ck.params["w"], s.params["w"], rtol=1e-6, atol=1e-7)
 
 
+def test_callback_between_chunks_replaces_state():
+    """A host event every chunk: with the callback, the run equals a manual loop that
+    applies the same event at the chunk boundaries; None keeps the state; a state of
+    another shape is refused."""
+    algo, state, sampler, _ = _setup()
+    key = jax.random.key(4)
+    seen = []
+
+    def shrink(s, t):  # halve every worker's parameters at steps 5 and 10
+        seen.append(t)
+        if t in (5, 10):
+            return s._replace(params=jax.tree.map(lambda x: 0.5 * x, s.params))
+        return None
+
+    s_run, _ = jd.run(
+        algo, state, sampler, key, 12, eval_every=5, progress=False, callback=shrink
+    )
+    assert seen == [5, 10, 12]
+    s = state
+    for t in range(12):
+        if t in (5, 10):
+            s = s._replace(params=jax.tree.map(lambda x: 0.5 * x, s.params))
+        k_data, k_algo = step_keys(key, jnp.int32(t))
+        s, _ = algo.step(s, sampler(k_data, jnp.int32(t)), k_algo)
+    np.testing.assert_allclose(s_run.params["w"], s.params["w"], rtol=1e-6, atol=1e-7)
+    plain, _ = jd.run(algo, state, sampler, key, 12, eval_every=5, progress=False)
+    assert not np.allclose(plain.params["w"], s_run.params["w"])
+
+    def bad(s, t):
+        return s._replace(params={"w": s.params["w"][:, :1]})
+
+    with pytest.raises(ValueError, match="keep shapes and dtypes"):
+        jd.run(algo, state, sampler, key, 4, eval_every=2, progress=False, callback=bad)
+    with pytest.raises(ValueError, match="callback must be callable"):
+        jd.run(algo, state, sampler, key, 4, progress=False, callback=3)
+
+
 def test_grad_through_run_traced_matches_finite_differences():
     sampler, loss, data = _problem()
     W = topology.mixing_matrix(topology.ring(N))
