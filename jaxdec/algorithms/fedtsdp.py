@@ -83,7 +83,13 @@ from jaxdec import clustering, participation
 from jaxdec import tree as jtree
 from jaxdec.algorithms import _common
 from jaxdec.algorithms import federated as fed
-from jaxdec.run import History, step_keys, summarize_info
+from jaxdec.run import (
+    History,
+    _jit_with,
+    _scan_steps,
+    step_keys,
+    summarize_info,
+)
 from jaxdec.types import LossFn, PyTree, Sampler
 
 __all__ = [
@@ -764,15 +770,6 @@ def fedtsdp(
 # ------------------------------------------------------------------------ driver
 
 
-def _jit_arg(fn: Callable) -> Callable:
-    """``jit(fn)``-style caller that passes data pytrees (``Partial``) as arguments."""
-    leaves = jax.tree.leaves(fn)
-    if leaves and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves):
-        j = jax.jit(lambda f, *a: f(*a))
-        return lambda *a: j(fn, *a)
-    return jax.jit(fn)
-
-
 def run_fedtsdp(
     algo: FedTSDPAlgorithm,
     state: FedTSDPState,
@@ -817,26 +814,17 @@ def run_fedtsdp(
     eval_every = (
         num_rounds if eval_every is None else _check_int(eval_every, "eval_every", 1)
     )
-    sample = _jit_arg(sampler)
+    sample = _jit_with(lambda k, t, smp: smp(k, t), sampler)
     local_j = jax.jit(algo.local_phase, static_argnames="full")
     agg_j = jax.jit(algo.aggregate, static_argnames="full")
     probe_j = jax.jit(algo.probe, static_argnames="full")
-    ev = None if eval_fn is None else _jit_arg(eval_fn)
+    ev = None if eval_fn is None else _jit_with(lambda s, fn: fn(s), eval_fn)
     chunks: dict[int, Callable] = {}
 
-    def chunk(length: int) -> Callable:
+    def chunk(length: int) -> Callable:  # rounds between events: one lax.scan
         if length not in chunks:
-
-            def run_chunk(st, smp, start):
-                def body(s, t):
-                    k_data, k_algo = step_keys(key, t)
-                    s, info = algo.step(s, smp(k_data, t), k_algo)
-                    return s, summarize_info(info)
-
-                ts = start + jnp.arange(length, dtype=jnp.int32)
-                return jax.lax.scan(body, st, ts)
-
-            chunks[length] = jax.jit(run_chunk)
+            scan = _scan_steps(algo, summarize_info, length)
+            chunks[length] = _jit_with(scan, sampler)
         return chunks[length]
 
     hist = History()
@@ -875,17 +863,12 @@ def run_fedtsdp(
             length = 1
         else:
             stop = min(end, next_eval)
+            view = _event_view(state)  # one host read of the clustering flags
             probe_t = t + 1
-            length = 1
-            while probe_t < stop and not _would_event(algo, state, probe_t):
+            while probe_t < stop and not _would_event(algo, view, probe_t):
                 probe_t += 1
             length = probe_t - t
-            if smp_is_data(sampler):
-                state, summ = chunk(length)(state, sampler, jnp.int32(t))
-            else:
-                state, summ = _closed_chunk(chunks, algo, key, sampler, length)(
-                    state, jnp.int32(t)
-                )
+            state, summ, _ = chunk(length)(state, key, jnp.int32(t))
             parts.append({k: np.asarray(v) for k, v in jax.device_get(summ).items()})
         hist.wall_time.append(time.perf_counter() - tic)
         t += length
@@ -904,29 +887,16 @@ def run_fedtsdp(
     return state, hist, events
 
 
-def smp_is_data(fn: Any) -> bool:
-    leaves = jax.tree.leaves(fn)
-    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+_EVENT_FIELDS = ("count", "cluster_next", "clustered", "clustered_at")
 
 
-def _closed_chunk(cache: dict, algo, key, sampler, length: int) -> Callable:
-    """Chunk for a sampler that is not a data pytree (closed over)."""
-    tag = ("closed", length)
-    if tag not in cache:
-
-        def run_chunk(st, start):
-            def body(s, t):
-                k_data, k_algo = step_keys(key, t)
-                s, info = algo.step(s, sampler(k_data, t), k_algo)
-                return s, summarize_info(info)
-
-            ts = start + jnp.arange(length, dtype=jnp.int32)
-            return jax.lax.scan(body, st, ts)
-
-        cache[tag] = jax.jit(run_chunk)
-    return cache[tag]
+def _event_view(state: FedTSDPState) -> FedTSDPState:
+    """``state`` with the fields ``needs_event`` reads copied to the host once."""
+    vals = jax.device_get(tuple(getattr(state, f) for f in _EVENT_FIELDS))
+    return state._replace(**dict(zip(_EVENT_FIELDS, vals, strict=True)))
 
 
-def _would_event(algo: FedTSDPAlgorithm, state: FedTSDPState, t: int) -> bool:
-    """Whether round ``t`` would be a check round, the clustering state unchanged."""
-    return bool(algo.needs_event(state._replace(count=jnp.asarray(t, jnp.int32))))
+def _would_event(algo: FedTSDPAlgorithm, view: FedTSDPState, t: int) -> bool:
+    """Whether round ``t`` would be a check round, the clustering state unchanged
+    (``view`` from :func:`_event_view`: no device access)."""
+    return bool(algo.needs_event(view._replace(count=np.int32(t))))
