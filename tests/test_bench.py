@@ -47,8 +47,9 @@ def test_bench_runs_and_writes_its_report(tmp_path):
     assert rows[8]["loop"]["max_abs_diff"] < 1e-5
     for r in rows.values():
         assert r["sharded"]["devices"] == 2  # --devices 2: two fake CPU devices
-        for k in ("sparse", "sharded"):
+        for k in ("sparse", "lean", "sharded"):
             assert r[k]["worker_steps_per_s"] > 0 and r[k]["compile_s"] > 0
+        assert r["grad_sharded_flops_per_s"] > 0  # gradient over the 2 devices
         assert r["grad_flops_per_s"] > 0 and r["bytes_per_worker"] > 0
         parts = ("grad", "gossip", "sample", "diagnostics", "other")
         assert abs(sum(r[f"frac_{k}"] for k in parts) - 1) < 1e-9
