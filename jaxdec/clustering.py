@@ -378,8 +378,7 @@ def _check_distance_matrix(D, where: str) -> np.ndarray:
         bad, neg = int(np.sum(~np.isfinite(D))), int(np.sum(D < 0))
         raise ValueError(
             f"{where}: distances must be finite and >= 0 ({bad} non-finite, {neg} "
-            "negative entries); check the client "
-            "outputs for NaN."
+            "negative entries); check the client outputs for NaN."
         )
     return 0.5 * (D + D.T)
 
