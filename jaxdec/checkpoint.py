@@ -163,7 +163,7 @@ def history_from_json(d: dict[str, Any] | None) -> Any:
     """Inverse of :func:`history_to_json`."""
     if d is None:
         return None
-    from jaxdec.run import History
+    from jaxdec.loop import History
 
     def arr(v):
         return np.asarray(v["values"], dtype=np.dtype(v["dtype"]))

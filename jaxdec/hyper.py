@@ -48,7 +48,7 @@ import numpy as np
 import optax
 
 from jaxdec import gossip, topology
-from jaxdec.run import run_traced, summarize_info
+from jaxdec.loop import run_traced, summarize_info
 from jaxdec.types import Algorithm, PyTree, Sampler
 
 __all__ = [

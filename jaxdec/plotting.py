@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdec.run import History
+from jaxdec.loop import History
 
 __all__ = ["plot_runs"]
 

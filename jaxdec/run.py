@@ -10,6 +10,10 @@ a pure function of ``key`` and does not depend on how the run is chunked.
 * :func:`run_traced` is the same loop fully traced (no host callbacks, no Python
   control flow on values): ``jax.grad`` and ``jax.vmap`` see through a whole run.
 
+The pure pieces (:func:`step_keys`, :func:`run_traced`, :class:`History`,
+:func:`summarize_info`, the scanned chunk) live in :mod:`jaxdec.loop`, below the
+algorithms; they are re-exported here.
+
 Example:
   >>> state, hist = jd.run(algo, state, sampler, key, 500, eval_every=50,
   ...                      eval_fn=lambda s: ev(s.params))
@@ -18,8 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdec.loop import (
+    History,
+    jit_with,
+    positive_int,
+    run_traced,
+    scan_steps,
+    step_keys,
+    summarize_info,
+)
 from jaxdec.types import Algorithm, PyTree, Sampler
 
 __all__ = ["History", "Diverged", "run", "run_traced", "summarize_info", "step_keys"]
@@ -36,110 +47,6 @@ __all__ = ["History", "Diverged", "run", "run_traced", "summarize_info", "step_k
 
 class Diverged(RuntimeError):
     """Raised by :func:`run` with ``on_nonfinite="raise"``."""
-
-
-@dataclasses.dataclass
-class History:
-    """What a run recorded.
-
-    Attributes:
-      train: per-step training diagnostics, ``{name: array [num_steps_done]}``
-        (worker-axis fields of ``Info`` are averaged over workers, flags reduced).
-      eval_steps: steps at which ``eval_fn`` ran (0 = before training).
-      eval: ``{name: array [len(eval_steps)]}``.
-      wall_time: seconds spent per chunk (compile included in the first).
-      diverged_at: first step with a non-finite worker, or ``None``.
-      diverged_workers: indices of the non-finite workers at that step.
-    """
-
-    train: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    eval_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, int))
-    eval: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    wall_time: list[float] = dataclasses.field(default_factory=list)
-    diverged_at: int | None = None
-    diverged_workers: list[int] = dataclasses.field(default_factory=list)
-
-    @property
-    def num_steps(self) -> int:
-        """Number of training steps recorded."""
-        return len(next(iter(self.train.values()))) if self.train else 0
-
-    def records(self) -> list[dict[str, Any]]:
-        """One JSON-ready record per evaluation point (train metrics averaged over
-        the steps since the previous evaluation)."""
-        out = []
-        prev = 0
-        for k, s in enumerate(self.eval_steps):
-            rec: dict[str, Any] = {"step": int(s)}
-            for name, v in self.train.items():
-                if s > prev:
-                    rec[f"train_{name}"] = float(np.mean(v[prev:s]))
-            for name, v in self.eval.items():
-                rec[name] = float(v[k])
-            out.append(rec)
-            prev = int(s)
-        return out
-
-    def to_jsonl(self, path: str | Path) -> None:
-        """Write :meth:`records` as JSON lines."""
-        with open(path, "w") as f:
-            for rec in self.records():
-                f.write(json.dumps(rec) + "\n")
-
-
-def summarize_info(info: Any) -> dict[str, jax.Array]:
-    """Reduce an algorithm's ``Info`` to scalars per step.
-
-    Leaves with a leading worker axis are averaged (boolean flags: ``all``); fields
-    named ``finite`` become ``nonfinite_workers`` (a count). ``None`` fields are
-    dropped; nested ``aux`` dicts are flattened as ``aux_<key>``.
-    """
-    fields = info._asdict() if hasattr(info, "_asdict") else dict(info)
-    out: dict[str, jax.Array] = {}
-    for name, v in fields.items():
-        if v is None:
-            continue
-        if name == "finite":
-            out["nonfinite_workers"] = jnp.sum(~v.astype(bool)).astype(jnp.int32)
-            continue
-        if isinstance(v, dict):
-            for k, leaf in v.items():
-                out[f"{name}_{k}"] = jnp.mean(leaf)
-            continue
-        v = jnp.asarray(v)
-        out[name] = (
-            jnp.all(v) if v.dtype == jnp.bool_ else jnp.mean(v.astype(jnp.float32))
-        )
-    return out
-
-
-def step_keys(key: jax.Array, t: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Data and algorithm keys of step ``t``: ``split(fold_in(key, t))``."""
-    k_data, k_algo = jax.random.split(jax.random.fold_in(key, t))
-    return k_data, k_algo
-
-
-def _scan_steps(algo: Algorithm, reduce: Callable, length: int, pin=None):
-    """``chunk(state, key, start, sampler)``: ``length`` steps as one ``lax.scan``.
-
-    ``pin = (pin_state, pin_out)`` (sharded runs) pins the carried state to its
-    input sharding at every step and the per-step summaries to replicated."""
-
-    def chunk(state, key, start, sampler):
-        def body(st, t):
-            k_data, k_algo = step_keys(key, t)
-            st, info = algo.step(st, sampler(k_data, t), k_algo)
-            if pin is not None:
-                st = pin[0](st)
-            return st, (reduce(info), getattr(info, "finite", None))
-
-        ts = start + jnp.arange(length, dtype=jnp.int32)
-        state, (summ, finite) = jax.lax.scan(body, state, ts)
-        if pin is not None:
-            summ, finite = pin[1]((summ, finite))
-        return state, summ, finite
-
-    return chunk
 
 
 def _sharding_pins(state: PyTree):
@@ -201,22 +108,6 @@ def _own_copy(state: PyTree) -> PyTree:
     return jax.tree.map(
         lambda x: _device_copy(x) if isinstance(x, jax.Array) else x, state
     )
-
-
-def _is_data_pytree(fn: Any) -> bool:
-    """True for callables whose pytree leaves are arrays (``jax.tree_util.Partial``
-    samplers / evaluators): those are passed to jit as arguments, so their data
-    are not compiled into the program as constants."""
-    leaves = jax.tree.leaves(fn)
-    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
-
-
-def _jit_with(fn: Callable, obj: Any, donate_argnums: tuple[int, ...] = ()) -> Callable:
-    """``jit(fn)`` with trailing argument ``obj`` passed as data or closed over."""
-    if _is_data_pytree(obj):
-        jitted = jax.jit(fn, donate_argnums=donate_argnums)
-        return lambda *args: jitted(*args, obj)
-    return jax.jit(lambda *args: fn(*args, obj), donate_argnums=donate_argnums)
 
 
 def run(
@@ -308,15 +199,15 @@ def run(
         without ``resume=True``, or a checkpoint that does not match this run.
       Diverged: non-finite values with ``on_nonfinite="raise"``.
     """
-    num_steps = _positive_int(num_steps, "num_steps")
+    num_steps = positive_int(num_steps, "num_steps")
     _check_run_args(algo, sampler, key, eval_fn)
     chunk_len = min(num_steps, 100) if eval_every is None else eval_every
-    chunk_len = _positive_int(chunk_len, "eval_every")
+    chunk_len = positive_int(chunk_len, "eval_every")
     if on_nonfinite not in ("stop", "raise", "ignore"):
         raise ValueError(
             f"on_nonfinite must be 'stop', 'raise' or 'ignore', got {on_nonfinite!r}."
         )
-    checkpoint_every = _positive_int(checkpoint_every, "checkpoint_every")
+    checkpoint_every = positive_int(checkpoint_every, "checkpoint_every")
     if callback is not None and not callable(callback):
         raise ValueError(
             f"callback must be callable callback(state, step) -> state | None, got "
@@ -351,14 +242,14 @@ def run(
 
     def compiled(length):
         if length not in chunks:
-            scan = _scan_steps(algo, reduce_info, length, pins)
-            chunks[length] = _jit_with(scan, sampler, donated)
+            scan = scan_steps(algo, reduce_info, length, pins)
+            chunks[length] = jit_with(scan, sampler, donated)
         return chunks[length]
 
     eval_jit = None
     if eval_fn is not None:
         pin_out = (lambda o: o) if pins is None else pins[1]
-        eval_jit = _jit_with(lambda s, fn: pin_out(fn(s)), eval_fn)
+        eval_jit = jit_with(lambda s, fn: pin_out(fn(s)), eval_fn)
     hist = History()
     train_parts: list[dict[str, np.ndarray]] = []
     eval_steps, eval_rows = [], []
@@ -542,52 +433,6 @@ def _restore_latest(jckpt, directory, state, key, start_step, end, steps):
     return None
 
 
-def run_traced(
-    algo: Algorithm,
-    state: PyTree,
-    sampler: Sampler,
-    key: jax.Array,
-    num_steps: int,
-    *,
-    start_step: int = 0,
-    reduce_info: Callable[[Any], dict[str, jax.Array]] = summarize_info,
-    checkpoint_every: int | None = None,
-) -> tuple[PyTree, dict[str, jax.Array]]:
-    """Fully traced run: one ``lax.scan`` over ``num_steps`` (no host callbacks).
-
-    Same trajectory as :func:`run` with the same arguments. Differentiable with
-    ``jax.grad`` (e.g. with respect to hyperparameters closed over by ``algo``) and
-    vmappable. Pass large-data samplers into your jitted function as arguments
-    (they are pytrees) rather than closing over them, so the data are not
-    compiled in as constants. With ``checkpoint_every=c`` the scan is split into
-    ``num_steps / c`` rematerialized chunks (``jax.checkpoint``), bounding
-    reverse-mode memory.
-
-    Returns:
-      ``(final_state, per_step_summaries)`` where each summary is ``[num_steps]``.
-    """
-    num_steps = _positive_int(num_steps, "num_steps")
-    if checkpoint_every is None:
-        chunk = _scan_steps(algo, reduce_info, num_steps)
-        state, summ, _ = chunk(state, key, jnp.int32(start_step), sampler)
-        return state, summ
-    c = _positive_int(checkpoint_every, "checkpoint_every")
-    if num_steps % c:
-        raise ValueError(
-            f"checkpoint_every={c} must divide num_steps={num_steps}; pick a divisor."
-        )
-    chunk = _scan_steps(algo, reduce_info, c)
-    inner = jax.checkpoint(lambda st, start: chunk(st, key, start, sampler))
-
-    def outer(st, start):
-        st, summ, _ = inner(st, start)
-        return st, summ
-
-    starts = start_step + c * jnp.arange(num_steps // c, dtype=jnp.int32)
-    state, summ = jax.lax.scan(outer, state, starts)
-    return state, jax.tree.map(lambda v: v.reshape(num_steps, *v.shape[2:]), summ)
-
-
 def _check_run_args(algo, sampler, key, eval_fn) -> None:
     """Raise ``ValueError`` for driver arguments that cannot work, before compiling."""
     if not (
@@ -620,12 +465,6 @@ def _check_run_args(algo, sampler, key, eval_fn) -> None:
             f"key must be one PRNG key, e.g. jax.random.key(0); got "
             f"{type(key).__name__} {getattr(key, 'dtype', '')}{list(np.shape(key))}."
         )
-
-
-def _positive_int(v, name: str) -> int:
-    if isinstance(v, bool) or int(v) != v or int(v) < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
-    return int(v)
 
 
 _POSTFIX_KEYS = {

@@ -213,7 +213,7 @@ def test_jsonl_and_validation(tmp_path):
 
 def test_sampler_and_evaluator_data_are_arguments_not_constants():
     """Large datasets must not be compiled into the program as constants."""
-    from jaxdec.run import _is_data_pytree, _scan_steps, summarize_info
+    from jaxdec.loop import is_data_pytree, scan_steps, summarize_info
 
     r = np.random.default_rng(0)
     x = r.normal(size=(2000, 8, 8, 1)).astype(np.float32)  # 512 KB
@@ -222,14 +222,14 @@ def test_sampler_and_evaluator_data_are_arguments_not_constants():
     sampler = jd.data.make_sampler(wd, 8)
     model = jd.models.MLP(hidden=(8,), num_classes=10)
     ev = jd.metrics.evaluator(jd.models.apply_fn(model), x, y)
-    assert _is_data_pytree(sampler) and _is_data_pytree(ev)
+    assert is_data_pytree(sampler) and is_data_pytree(ev)
     params = jd.models.init_workers(model, jax.random.key(0), N, x[:1])
     W = topology.mixing_matrix(topology.ring(N))
     algo = jd.algorithms.dsgd(
         jd.models.classification_loss(model), optax.sgd(0.1), gossip.sparse(W)
     )
     state = algo.init(params)
-    chunk = jax.jit(_scan_steps(algo, summarize_info, 3))
+    chunk = jax.jit(scan_steps(algo, summarize_info, 3))
     hlo = chunk.lower(state, jax.random.key(0), jnp.int32(0), sampler).as_text()
     assert len(hlo) < x.nbytes / 4
     hlo_eval = jax.jit(lambda s, fn: fn(s)).lower(state, ev).as_text()

@@ -83,13 +83,7 @@ from jaxdec import clustering, participation
 from jaxdec import tree as jtree
 from jaxdec.algorithms import _common
 from jaxdec.algorithms import federated as fed
-from jaxdec.run import (
-    History,
-    _jit_with,
-    _scan_steps,
-    step_keys,
-    summarize_info,
-)
+from jaxdec.loop import History, jit_with, scan_steps, step_keys, summarize_info
 from jaxdec.types import LossFn, PyTree, Sampler
 
 __all__ = [
@@ -785,7 +779,7 @@ def run_fedtsdp(
 ) -> tuple[FedTSDPState, History, list[dict]]:
     """Run FedTSDP: jitted chunks of rounds with host clustering events between them.
 
-    Round ``t`` uses the keys of :func:`jaxdec.run.step_keys` ``(key, t)`` exactly
+    Round ``t`` uses the keys of :func:`jaxdec.loop.step_keys` ``(key, t)`` exactly
     like :func:`jaxdec.run`, so without events the trajectory equals
     ``jd.run(algo, ...)``. On a check round (``algo.needs_event``) the round is run
     in its halves: ``local_phase`` (jitted), ``probe`` (jitted, key
@@ -807,24 +801,24 @@ def run_fedtsdp(
       start_step: first round index.
 
     Returns:
-      ``(state, history, events)``: a :class:`jaxdec.run.History` (per-round train
+      ``(state, history, events)``: a :class:`jaxdec.loop.History` (per-round train
       summaries, evaluations) and one JSON-ready record per check round.
     """
     num_rounds = _check_int(num_rounds, "num_rounds", 1)
     eval_every = (
         num_rounds if eval_every is None else _check_int(eval_every, "eval_every", 1)
     )
-    sample = _jit_with(lambda k, t, smp: smp(k, t), sampler)
+    sample = jit_with(lambda k, t, smp: smp(k, t), sampler)
     local_j = jax.jit(algo.local_phase, static_argnames="full")
     agg_j = jax.jit(algo.aggregate, static_argnames="full")
     probe_j = jax.jit(algo.probe, static_argnames="full")
-    ev = None if eval_fn is None else _jit_with(lambda s, fn: fn(s), eval_fn)
+    ev = None if eval_fn is None else jit_with(lambda s, fn: fn(s), eval_fn)
     chunks: dict[int, Callable] = {}
 
     def chunk(length: int) -> Callable:  # rounds between events: one lax.scan
         if length not in chunks:
-            scan = _scan_steps(algo, summarize_info, length)
-            chunks[length] = _jit_with(scan, sampler)
+            scan = scan_steps(algo, summarize_info, length)
+            chunks[length] = jit_with(scan, sampler)
         return chunks[length]
 
     hist = History()
