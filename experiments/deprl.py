@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+import _data  # experiments/_data.py: the digits / Fashion-MNIST switch
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -111,15 +112,7 @@ def quick_setup() -> Setup:
 
 
 def load(s: Setup):
-    if s.dataset == "digits":
-        return jd.data.load_digits(seed=0)
-    try:
-        return jd.data.load_fashion_mnist()
-    except FileNotFoundError as e:
-        sys.exit(
-            f"{e}\n\nFashion-MNIST is missing: run `apt-get install -y "
-            "dataset-fashion-mnist` (or use --quick for the digits smoke run)."
-        )
+    return _data.load(s.dataset, seed=0)
 
 
 def stratified_subset(y: np.ndarray, per_class: int) -> np.ndarray:

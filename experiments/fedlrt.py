@@ -32,10 +32,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import _data  # noqa: E402  (experiments/_data.py)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -217,14 +217,7 @@ SPLITS = {  # name: (alpha or None for IID, rounds, theta_rel)
 
 
 def load(s: SetupB):
-    if s.dataset == "digits":
-        return jd.data.load_digits(seed=0)
-    try:
-        return jd.data.load_fashion_mnist()
-    except FileNotFoundError as e:
-        sys.exit(
-            f"{e}\nInstall the data with: apt-get install -y dataset-fashion-mnist"
-        )
+    return _data.load(s.dataset, seed=0)
 
 
 def make_model(s: SetupB, ds):

@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
+import _data  # experiments/_data.py: the digits / Fashion-MNIST switch
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,15 +110,7 @@ QUICK = dict(
 
 
 def load(s: Setup):
-    if s.dataset == "digits":
-        return jd.data.load_digits(test_fraction=0.25, seed=0)
-    try:
-        return jd.data.load_fashion_mnist()
-    except FileNotFoundError as err:
-        sys.exit(
-            f"{err}\nFashion-MNIST is missing: apt-get install -y "
-            "dataset-fashion-mnist (or run with --quick for digits)."
-        )
+    return _data.load(s.dataset, test_fraction=0.25, seed=0)
 
 
 def rotate(x: np.ndarray, quarter_turns: int) -> np.ndarray:

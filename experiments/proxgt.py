@@ -110,14 +110,9 @@ FMNIST_TRAIN = 12000
 def load_fmnist_flat():
     """The first 12000 Fashion-MNIST training images and the 10k test images,
     standardized (jd.data.load_fashion_mnist) and flattened to 784 features."""
-    import jaxdec as jd
+    import _data  # experiments/_data.py (jaxdec is imported late here)
 
-    try:
-        ds = jd.data.load_fashion_mnist()
-    except FileNotFoundError as e:
-        sys.exit(
-            f"{e}\nInstall: apt-get update && apt-get install -y dataset-fashion-mnist"
-        )
+    ds = _data.load("fashion_mnist")
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731
     xtr, ytr = flat(ds.x_train[:FMNIST_TRAIN]), ds.y_train[:FMNIST_TRAIN]
     return xtr, ytr, flat(ds.x_test), ds.y_test

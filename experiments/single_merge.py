@@ -32,6 +32,7 @@ import json
 import time
 from pathlib import Path
 
+import _data  # experiments/_data.py: the digits / Fashion-MNIST switch
 import jax
 import numpy as np
 import optax
@@ -88,9 +89,7 @@ def schedules(s: Setup, seed: int, windows: bool) -> dict[str, G.Mixer]:
 
 
 def load(s: Setup):
-    if s.dataset == "digits":
-        return jd.data.load_digits(seed=0)
-    return jd.data.load_fashion_mnist()
+    return _data.load(s.dataset, seed=0)
 
 
 def bn_evaluator(model, ev, xb):
