@@ -57,3 +57,48 @@ def test_bench_runs_and_writes_its_report(tmp_path):
     assert report["machine"]["backend"] == "cpu"
     assert {m["model"] for m in report["memory"]} == {"mlp", "cnn"}
     assert all(m["workers_per_gib"] > 0 for m in report["memory"])
+    assert "## Device memory" not in md  # XLA:CPU keeps no allocator statistics
+    # on an accelerator each row carries the allocator's figures: rendered as GiB
+    report["rows"][0]["device_memory"] = {
+        "bytes_in_use": 3 * 2**30,
+        "peak_bytes_in_use": 5 * 2**30,
+        "bytes_limit": 79 * 2**30,
+    }
+    gpu_md = _bench_module().markdown(report)
+    assert "## Device memory" in gpu_md and "| 8 | 3 | 5 | 79 |" in gpu_md
+
+
+def _bench_module():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench
+    finally:
+        sys.path.pop(0)
+    return bench
+
+
+def _row(n, steps_per_s):
+    return {
+        "n": n,
+        "sparse": {"worker_steps_per_s": steps_per_s},
+        "grad_flops_per_s": 1.0,
+    }
+
+
+def test_accelerator_targets_only_on_accelerators():
+    bench = _bench_module()
+    rows = [_row(1024, 4e5), _row(131072, 2.5e6)]
+    gpu = {t["claim"]: t for t in bench.targets(rows, 10.0, "gpu")}
+    steps = next(t for c, t in gpu.items() if "worker-steps/s" in c)
+    mem = next(t for c, t in gpu.items() if "device memory" in c)
+    assert steps["value"] == 2.5e6 and steps["pass"] and "n=131072" in steps["claim"]
+    assert mem["value"] == 131072 and mem["pass"]
+    small = {t["claim"]: t for t in bench.targets(rows[:1], 10.0, "gpu")}
+    assert [t["pass"] for c, t in small.items() if c.startswith("gpu:")] == [
+        False,
+        False,
+    ]
+    cpu = bench.targets(rows, 10.0, "cpu")
+    assert not any(t["claim"].startswith("gpu") for t in cpu)
+    # the CPU gradient claim is computed for every n >= 256 (here 1 / 10 < 0.3)
+    assert [t["pass"] for t in cpu if "gradient" in t["claim"]] == [False, False]
