@@ -1,9 +1,10 @@
 """The pure stepping core under every driver: step keys, scanned chunks, summaries.
 
-Everything here is jittable and host-free, and sits below the algorithms in the
-layering (it imports only :mod:`jaxdec.types`), so algorithm-specific drivers
-(:func:`jaxdec.algorithms.run_fedtsdp`) and the differentiable unrolls of
-:mod:`jaxdec.hyper` build on it without importing the driver :mod:`jaxdec.run`.
+The stepping functions here are jittable and host-free, and the module sits below
+the algorithms in the layering (it imports only :mod:`jaxdec.types`), so
+algorithm-specific drivers (:func:`jaxdec.algorithms.run_fedtsdp`) and the
+differentiable unrolls of :mod:`jaxdec.hyper` build on it without importing the
+driver :mod:`jaxdec.run`.
 
 * :func:`step_keys`: step ``t`` uses ``split(fold_in(key, t))`` as (data, algorithm)
   keys, so a trajectory is a pure function of ``key``, however it is chunked.
