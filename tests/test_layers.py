@@ -37,8 +37,6 @@ ALLOWED = {
     # jd.topology.parametrized_mixing is a convenience alias of the learnable
     # mixing matrix of jd.hyper, imported on first call (topology stays NumPy-only).
     ("topology", "hyper"),
-    # the driver consults the sharding helpers only for sharded state, lazily.
-    ("run", "sharding"),
 }
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
