@@ -62,6 +62,9 @@ def _parse(argv):
     p.add_argument("--memory-n", type=int, default=None)
     p.add_argument("--peak-size", type=int, default=None, help="matmul N for the peak")
     p.add_argument(
+        "--profile-n", type=int, default=None, help="n of the per-op gradient profile"
+    )
+    p.add_argument(
         "--out", default=None, help="default: results/bench (CPU), bench_<backend>"
     )
     a = p.parse_args(argv)
@@ -72,15 +75,22 @@ def _parse(argv):
     a.loop_max = a.loop_max or (1024 if full else 64)
     a.memory_n = a.memory_n or (1024 if full else 64)
     a.repeats = a.repeats or (3 if full else 2)
+    if a.profile_n is None:  # the loop's size, 1024, or the largest size below it
+        a.profile_n = max((n for n in a.sizes if n <= 1024), default=a.sizes[0])
     return a
 
 
 ARGS = _parse(sys.argv[1:]) if __name__ == "__main__" else None
-if ARGS is not None and ARGS.devices:  # before JAX starts its backend
+if ARGS is not None:  # before JAX starts its backend: XLA:CPU per-op profiler events
+    from _profile import TRACEME_FLAG
+
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TRACEME_FLAG}"
+if ARGS is not None and ARGS.devices:
     import jax
 
     jax.config.update("jax_num_cpu_devices", ARGS.devices)
 
+import _profile  # noqa: E402  (experiments/, beside this script)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -240,11 +250,13 @@ def loss_only(info) -> dict:
 
 
 def time_steps(
-    algo, state, sampler, steps: int, repeats: int, reduce_info=None
+    algo, state, sampler, steps: int, repeats: int, reduce_info=None, profile=False
 ) -> dict:
     """Compile ``steps`` steps as one scan (what ``jd.run`` runs per chunk, state
-    donated) and time it; returns seconds per step, compile seconds, memory.
-    ``reduce_info`` (default: ``jd.run``'s) picks the per-step summaries."""
+    donated) and time it; returns seconds per step, compile seconds, memory, and
+    with ``profile=True`` the per-op profile of the step (:func:`_profile.profile`,
+    ``{}`` when the backend records no op). ``reduce_info`` (default: ``jd.run``'s)
+    picks the per-step summaries."""
     key = jax.random.key(1)
     kw = {} if reduce_info is None else {"reduce_info": reduce_info}
 
@@ -259,11 +271,12 @@ def time_steps(
         return summ
 
     t = _best(call, repeats)
-    return {
-        "s_per_step": t / steps,
-        "compile_s": t_compile,
-        "memory": _memory(compiled),
-    }
+    out = {"s_per_step": t / steps, "compile_s": t_compile, "memory": _memory(compiled)}
+    if profile:
+        out["profile"] = _profile.profile(
+            call, compiled.as_text(), repeats, per=steps, top=12
+        )
+    return out
 
 
 def time_mix(mix, params, steps: int, repeats: int) -> float:
@@ -283,8 +296,8 @@ def time_mix(mix, params, steps: int, repeats: int) -> float:
 
 
 def time_grad(loss, params, sampler, repeats: int) -> tuple[float, float | None]:
-    """Seconds of one vmapped ``value_and_grad`` on a fixed batch, and XLA's own
-    FLOP count of that program."""
+    """Seconds of one vmapped ``value_and_grad`` on a fixed batch (a program of its
+    own: fresh output buffers every call), and XLA's own FLOP count of it."""
     n = jd.tree.num_workers(params)
     batch = jax.jit(sampler)(jax.random.key(2), 0)
     keys = jax.random.split(jax.random.key(3), n)
@@ -417,7 +430,18 @@ def bench_size(n: int, args, peak: Peak, mesh) -> dict:
         return jd.algorithms.dsgd(loss, optax.sgd(LR), mix)
 
     sparse = dsgd(jd.gossip.sparse(W))
-    r = time_steps(sparse, sparse.init(_copy(params)), sampler, steps, reps)
+    r = time_steps(
+        sparse, sparse.init(_copy(params)), sampler, steps, reps, profile=True
+    )
+    prof = r.pop("profile")
+    if prof:  # where the step's time goes, per op and per phase (profiler)
+        row["phases"] = {k: v / prof["op_sum_s"] for k, v in prof["phases"].items()}
+        row["op_sum_s"] = prof["op_sum_s"]
+        g_s, g_fl = prof["phases"]["gradient"], prof["phase_flops"]["gradient"]
+        row["grad_step_flops_per_s"] = g_fl / g_s if g_s > 0 else None
+        row["grad_step_matmul_flops"] = g_fl
+        if n == args.profile_n:
+            row["step_ops"] = prof["ops"]
     row["sparse"] = r
     st = sparse.init(_copy(params))
     row["lean"] = time_steps(sparse, st, sampler, steps, reps, reduce_info=loss_only)
@@ -578,6 +602,10 @@ def targets(rows: list[dict], peak: float, backend: str = "cpu") -> list[dict]:
         out.append(
             _target(f"gradient FLOP/s / matmul peak at n={r['n']}", v, ">=", 0.30)
         )
+        if r.get("grad_step_flops_per_s"):
+            v = r["grad_step_flops_per_s"] / peak
+            name = "gradient FLOP/s inside the D-SGD step (profiled) / peak at n="
+            out.append(_target(f"{name}{r['n']}", v, ">=", 0.30))
         if "grad_sharded_flops_per_s" in r:
             v = r["grad_sharded_flops_per_s"] / peak
             D = r["sharded"]["devices"]
@@ -613,6 +641,38 @@ def _line(r) -> str:
         f"{r['frac_sample']:.0%} diag {r['frac_diagnostics']:.0%}  "
         f"{r['grad_flops_per_s'] / 1e9:.1f} GFLOP/s"
     )
+
+
+def step_ops_markdown(rows: list[dict], peak: float) -> list[str]:
+    """The per-op table of the profiled sparse step (none when nothing was
+    profiled)."""
+    r = next((r for r in rows if r.get("step_ops")), None)
+    if r is None:
+        return []
+    ops = r["step_ops"]
+    md = [
+        "",
+        f"## Inside the sparse step (n={r['n']}, XLA ops, profiler)",
+        "",
+        f"Op times per step (sum {r['op_sum_s'] * 1e3:.3g} ms against "
+        f"{r['sparse']['s_per_step'] * 1e3:.3g} ms wall: independent ops can run "
+        "at once). An op's phase is that of its root in the JAX name stack "
+        "(jaxdec's `jax.named_scope` labels, `jvp(` for autodiff). Ops that run "
+        "matmuls show them as `workers x [M x K].[K x N]` with the achieved "
+        "GFLOP/s.",
+        "",
+        "| op | phase | output | dots | ms | share | GFLOP/s | % of peak |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for o in ops:
+        f = o["flops_per_s"]
+        dims = "x".join(map(str, o["dims"])) if o["dims"] else ""
+        md.append(
+            f"| {o['op']} | {o['phase']} | {dims} | {'; '.join(o['dots'])} "
+            f"| {o['s'] * 1e3:.3g} | {o['share']:.0%} | {_g(f and f / 1e9, '{:.1f}')} "
+            f"| {_g(f and f / peak, '{:.0%}')} |"
+        )
+    return md
 
 
 def markdown(report: dict) -> str:
@@ -656,31 +716,54 @@ def markdown(report: dict) -> str:
             )
             + "|"
         )
+    profiled = all("phases" in r for r in rows)
+    how = (
+        "Fractions of the summed op time of the sparse step, from the profiler "
+        "(each XLA op in the phase of its JAX name stack: the vmapped gradient, "
+        "gossip, drawing the minibatches, the diagnostics (consensus distance, "
+        "finiteness flags), and the rest: optimizer update, summaries, loop). "
+        "`in step` is the gradient phase's matmul FLOP/s inside that program; "
+        "`alone` times the vmapped gradient as a program of its own (fresh output "
+        "buffers each call)."
+        if profiled
+        else "Fractions of the sparse step, each part timed alone: the vmapped "
+        "gradient, gossip, drawing the minibatches, the diagnostics (consensus "
+        "distance, finiteness flags), and the rest (update, summaries, loop "
+        "overhead; negative when the parts timed alone overlap less well than "
+        "inside the step)."
+    )
     md += [
         "",
         "## Where the time goes (sparse step)",
         "",
-        "Fractions of the sparse step: the vmapped gradient, gossip, drawing the "
-        "minibatches, the diagnostics (consensus distance, finiteness flags), and "
-        "the rest (update, summaries, loop overhead; negative when the parts timed "
-        "alone overlap less well than inside the step).",
+        how,
         "",
         "| n | ms / step | gradient | gossip | sample | diagnostics | rest "
-        f"| gradient GFLOP/s | % of peak | D={D} gradient GFLOP/s | % of peak "
-        "| compile s | KiB / worker |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + ("| gradient GFLOP/s in step | % of peak " if profiled else "")
+        + f"| gradient GFLOP/s alone | % of peak | D={D} gradient GFLOP/s alone "
+        "| % of peak | compile s | KiB / worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + ("---:|---:|" if profiled else ""),
     ]
     for r in rows:
         gs = r.get("grad_sharded_flops_per_s")
+        if profiled:
+            fr = "".join(f"| {r['phases'][k]:.0%} " for k in _profile.PHASES)
+            gi = r.get("grad_step_flops_per_s")
+            fr += f"| {_g(gi and gi / 1e9, '{:.1f}')} "
+            fr += f"| {_g(gi and gi / peak, '{:.0%}')} "
+        else:
+            fr = "".join(f"| {r[f'frac_{k}']:.0%} " for k in (*_PARTS, "other"))
         md.append(
             f"| {r['n']} | {r['sparse']['s_per_step'] * 1e3:.3g} "
-            + "".join(f"| {r[f'frac_{k}']:.0%} " for k in (*_PARTS, "other"))
+            + fr
             + f"| {r['grad_flops_per_s'] / 1e9:.1f} "
             f"| {r['grad_flops_per_s'] / peak:.0%} "
             f"| {_g(gs and gs / 1e9, '{:.1f}')} | {_g(gs and gs / peak, '{:.0%}')} "
             f"| {r['sparse']['compile_s']:.2f} "
             f"| {_g(r.get('bytes_per_worker', 0) / 1024, '{:.1f}')} |"
         )
+    md += step_ops_markdown(rows, peak)
     dm = [(r["n"], r.get("device_memory")) for r in rows if r.get("device_memory")]
     if dm:
         md += [

@@ -89,7 +89,8 @@ class Mixer:
                     f"{self.name} was built for {self.n} workers but the tree has "
                     f"{n} on its leading axis; build the mixer for {n} workers."
                 )
-        return self.fn(tree, jnp.asarray(step, jnp.int32))
+        with jax.named_scope("gossip"):  # labels the ops in profiles
+            return self.fn(tree, jnp.asarray(step, jnp.int32))
 
     def __repr__(self) -> str:
         return f"Mixer({self.name})"

@@ -159,10 +159,14 @@ def scan_steps(
     def chunk(state, key, start, sampler):
         def body(st, t):
             k_data, k_algo = step_keys(key, t)
-            st, info = algo.step(st, sampler(k_data, t), k_algo)
+            with jax.named_scope("sample"):  # profile labels
+                batch = sampler(k_data, t)
+            st, info = algo.step(st, batch, k_algo)
             if pin is not None:
                 st = pin[0](st)
-            return st, (reduce(info), getattr(info, "finite", None))
+            with jax.named_scope("summaries"):
+                summ = reduce(info)
+            return st, (summ, getattr(info, "finite", None))
 
         ts = start + jnp.arange(length, dtype=jnp.int32)
         state, (summ, finite) = jax.lax.scan(body, state, ts)

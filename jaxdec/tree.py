@@ -149,7 +149,8 @@ def consensus_distance(tree: PyTree) -> jax.Array:
         dbar = jnp.mean(d, axis=0) if small else mean0(d)
         return jnp.sum(jnp.square(d - dbar[None])) / n
 
-    return sum((leaf(x) for x in jax.tree.leaves(tree)), jnp.zeros(()))
+    with jax.named_scope("consensus_distance"):
+        return sum((leaf(x) for x in jax.tree.leaves(tree)), jnp.zeros(()))
 
 
 def num_params(tree: PyTree, *, per_worker: bool = True) -> int:

@@ -53,6 +53,13 @@ def test_bench_runs_and_writes_its_report(tmp_path):
         assert r["grad_flops_per_s"] > 0 and r["bytes_per_worker"] > 0
         parts = ("grad", "gossip", "sample", "diagnostics", "other")
         assert abs(sum(r[f"frac_{k}"] for k in parts) - 1) < 1e-9
+    # the profiled step: phases of the summed op time, and every gradient matmul
+    # (read from the HLO, labeled by the JAX name stack) inside the gradient phase
+    r8 = rows[8]
+    assert abs(sum(r8["phases"].values()) - 1) < 1e-9
+    assert r8["phases"]["gradient"] > 0 and r8["phases"]["gossip"] > 0
+    assert r8["grad_step_matmul_flops"] == 8 * _bench_module().matmul_flops([64], 32)
+    assert r8["step_ops"] and "## Inside the sparse step (n=8" in md
     assert report["peak_flops_per_s"] > 0
     assert report["machine"]["backend"] == "cpu"
     assert {m["model"] for m in report["memory"]} == {"mlp", "cnn"}
@@ -102,3 +109,39 @@ def test_accelerator_targets_only_on_accelerators():
     assert not any(t["claim"].startswith("gpu") for t in cpu)
     # the CPU gradient claim is computed for every n >= 256 (here 1 / 10 < 0.3)
     assert [t["pass"] for t in cpu if "gradient" in t["claim"]] == [False, False]
+
+
+def test_hlo_matmul_flops_and_phases():
+    """The HLO reader counts exactly the MLP's matmul FLOPs in a compiled vmapped
+    gradient, and jaxdec's named scopes put the ops of a D-SGD step in phases."""
+    import jax
+    import optax
+
+    import jaxdec as jd
+
+    bench = _bench_module()
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import _profile
+    finally:
+        sys.path.pop(0)
+    n = 4
+    _, loss, params, sampler = bench.workload(n, [16], 8)
+    batch = jax.jit(sampler)(jax.random.key(2), 0)
+    keys = jax.random.split(jax.random.key(3), n)
+    vg = jax.jit(jax.vmap(jax.value_and_grad(loss)))
+    ops = _profile.module_ops(vg.lower(params, batch, keys).compile().as_text())
+    assert sum(o["flops"] for o in ops.values()) == n * bench.matmul_flops([16], 8)
+    assert {o["phase"] for o in ops.values() if o["flops"]} == {"gradient"}
+    dots = [d for o in ops.values() for d in o["dots"]]
+    assert "4 x [8x64].[64x16]" in dots  # first layer forward: x [8,64] W [64,16]
+
+    W = jd.topology.mixing_matrix(jd.topology.ring(n))
+    algo = jd.algorithms.dsgd(loss, optax.sgd(0.1), jd.gossip.sparse(W))
+    step = jax.jit(lambda s, smp: jd.run_traced(algo, s, smp, jax.random.key(1), 2))
+    text = step.lower(algo.init(params), sampler).compile().as_text()
+    phases = {o["phase"] for o in _profile.module_ops(text).values()}
+    assert {"gradient", "gossip", "sample", "diagnostics"} <= phases
+    assert _profile.phase("jit(f)/while/body/gossip/add") == "gossip"
+    assert _profile.phase("jit(f)/consensus_distance/reduce_sum") == "diagnostics"
+    assert _profile.phase("jit(f)/add") == "other"

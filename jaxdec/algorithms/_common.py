@@ -58,7 +58,8 @@ def worker_value_and_grad(
     def f(params, batch, key):
         n = jtree.num_workers(params)
         keys = jax.random.split(key, n)
-        out, grads = jax.vmap(vg)(params, batch, keys)
+        with jax.named_scope("grad"):  # labels the ops in profiles
+            out, grads = jax.vmap(vg)(params, batch, keys)
         loss, aux = out if has_aux else (out, None)
         return loss, aux, grads
 
@@ -79,9 +80,10 @@ def all_finite(loss: jax.Array, tree: PyTree) -> jax.Array:
     per leaf, which any NaN or inf poisons); a finite sum that overflows float32
     is also flagged, which is as much a sign of divergence.
     """
-    ok = jnp.isfinite(loss)
-    for x in jax.tree.leaves(tree):
-        x2 = x.reshape(x.shape[0], -1)
-        s = jnp.matmul(x2, jnp.ones((x2.shape[1],), x2.dtype))
-        ok = ok & jnp.isfinite(s)
-    return ok
+    with jax.named_scope("all_finite"):
+        ok = jnp.isfinite(loss)
+        for x in jax.tree.leaves(tree):
+            x2 = x.reshape(x.shape[0], -1)
+            s = jnp.matmul(x2, jnp.ones((x2.shape[1],), x2.dtype))
+            ok = ok & jnp.isfinite(s)
+        return ok
