@@ -13,10 +13,15 @@ SGD, ring gossip) is timed for worker counts ``n = 16 .. 16384`` as
   first step is checked against the vmapped step (``loop_max_abs_diff``).
 
 Every vmapped variant is the program ``jd.run`` compiles (a ``lax.scan`` of steps
-with per-step summaries, state donated). For the sparse step the time is split into
-the vmapped gradient alone (``value_and_grad``, whose matmul FLOPs give the achieved
-FLOP/s against this machine's measured ``f32`` matmul peak), gossip alone (the mixer
-applied to the parameters) and the rest (sampling, update, diagnostics). Compile
+with per-step summaries, state donated). The sparse step is profiled
+(``experiments/_profile.py``: JAX's profiler for the time of every XLA op, the
+optimized HLO for the matmuls each op runs, jaxdec's ``jax.named_scope`` labels for
+its phase): the report splits the step into gradient / gossip / sampling /
+diagnostics / rest, gives the gradient's matmul FLOP/s inside the step against this
+machine's measured ``f32`` matmul peak, and lists the slowest ops with their dots.
+The vmapped gradient is also timed as a program of its own (``alone``; with the
+worker axis over the devices too), and gossip, sampling and the diagnostics alone
+(``frac_*`` in the JSON, the breakdown used where the backend records no ops). Compile
 time and the compiled program's memory per worker (XLA buffer assignment: arguments
 + outputs - donated + temporaries) are recorded too. ``--memory`` (on by default)
 adds bytes per worker and workers per GiB for the MLP and LeNet-5 in float32,
