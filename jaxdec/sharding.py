@@ -312,15 +312,23 @@ def _shift_pieces(s: int, b: int, D: int) -> list[tuple[int, int, int]]:
     return pieces
 
 
-def _shifted(x: jax.Array, s: int, b: int, D: int, ax: str) -> jax.Array:
-    """Block of ``roll(X, -s, axis=0)`` in ``shard_map`` (``x`` is ``[b, ...]``)."""
-    parts = []
-    for start, stop, k in _shift_pieces(s, b, D):
-        piece = x[start:stop]
-        if k:  # device e sends its rows to device e - k
-            piece = jax.lax.ppermute(piece, ax, [(e, (e - k) % D) for e in range(D)])
-        parts.append(piece)
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
+def _send_rows(pieces: list[jax.Array], k: int, D: int, ax: str) -> list[jax.Array]:
+    """One :func:`jax.lax.ppermute` per dtype for the row blocks ``pieces`` (one per
+    leaf, ``[r, ...]``): device ``e`` sends them to device ``e - k``. Only the rows
+    that move are packed into a message, never whole leaves."""
+    perm = [(e, (e - k) % D) for e in range(D)]
+    out: list[jax.Array | None] = [None] * len(pieces)
+    groups: dict[Any, list[int]] = {}
+    for i, x in enumerate(pieces):
+        groups.setdefault(jnp.dtype(x.dtype), []).append(i)
+    for idx in groups.values():
+        flat = [pieces[i].reshape(pieces[i].shape[0], -1) for i in idx]
+        sizes = np.cumsum([f.shape[1] for f in flat])[:-1].tolist()
+        msg = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
+        got = jnp.split(jax.lax.ppermute(msg, ax, perm), sizes, axis=1)
+        for i, g in zip(idx, got, strict=True):
+            out[i] = g.reshape(pieces[i].shape)
+    return out
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -371,8 +379,10 @@ def ppermute_gossip(
             \mathrm{concat}\big(X_{d+q}[r{:}b],\; X_{d+q+1}[0{:}r]\big),
         \qquad s = q b + r,
 
-    every remote piece one :func:`jax.lax.ppermute` (a ring moves one row per
-    device and direction: a halo exchange). Accumulation in float32 in
+    every remote piece one :func:`jax.lax.ppermute` per dtype carrying that piece's
+    rows of all leaves (a ring moves one row per device and direction: a halo
+    exchange); the weighted sum is then one XLA fusion per leaf, so no leaf is
+    copied whole. Accumulation in float32 in
     increasing ``s``, cast back to the leaf dtype (so ``bfloat16`` parameters are
     sent as ``bfloat16``). ``method="gather"``: all-gather the leaf, then
     ``x_i <- sum_k w_{ik} x_{idx_{ik}}`` on the local rows (padded neighbour lists,
@@ -431,16 +441,33 @@ def ppermute_gossip(
             np.stack([shifts[s] for s in var]) if var else np.zeros((0, n)), jnp.float32
         )
 
+        plan = {s: _shift_pieces(s, b, D) for s in shifts}
+
         def local(tree, a_loc):
-            def leaf(x):
+            leaves, treedef = jax.tree.flatten(tree)
+            # the halo: each remote piece of each shift is one message per dtype
+            got = {
+                (s, j): _send_rows([x[lo:hi] for x in leaves], k, D, ax)
+                for s, pieces in plan.items()
+                for j, (lo, hi, k) in enumerate(pieces)
+                if k
+            }
+
+            def leaf(i, x):  # sum_s a_s * roll(X, -s) rows, fused by XLA per leaf
                 acc = jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32))
-                for s in shifts:
-                    xs = _shifted(x, s, b, D, ax).astype(acc.dtype)
+                for s, pieces in plan.items():
+                    parts = [
+                        got[(s, j)][i] if k else x[lo:hi]
+                        for j, (lo, hi, k) in enumerate(pieces)
+                    ]
+                    xs = parts[0] if len(parts) == 1 else jnp.concatenate(parts)
                     w = const[s] if s in const else _bcast(a_loc[var.index(s)], x)
-                    acc = acc + w * xs
+                    acc = acc + w * xs.astype(acc.dtype)
                 return acc.astype(x.dtype)
 
-            return _fused(leaf, tree, D > 1)
+            return jax.tree.unflatten(
+                treedef, [leaf(i, x) for i, x in enumerate(leaves)]
+            )
 
         smap = jax.shard_map(
             local, mesh=mesh, in_specs=(split, P(None, ax)), out_specs=split

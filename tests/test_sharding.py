@@ -59,6 +59,8 @@ for k, y in ys.items():
 for k in ("ring/auto", "torus/auto", "exponential/auto", "regular/auto", "ring/gather"):
     hlo = jax.jit(lambda t, m=mixers[k]: m(t, 0)).lower(xs).compile().as_text()
     meta[k]["ops"] = sorted(set(re.findall(OPS, hlo)))
+    meta[k]["messages"] = re.findall(r"= (\S+) collective-permute(?:-start)?\(", hlo)
+    meta[k]["whole_block_packed"] = "f32[4,7]" in hlo  # all local rows of a and b
 one_peer = gossip.time_varying(
     [sharding.ppermute_gossip(W, mesh) for W in topology.one_peer_exponential(N)])
 step3 = jax.jit(lambda v: one_peer(one_peer(one_peer(v, 0), 1), 2))
@@ -195,6 +197,10 @@ def test_neighbour_gossip_is_real_collective_permute(eight):
     for g in ("ring", "torus", "exponential"):  # few shifts: ppermute only
         assert meta[f"{g}/auto"]["ops"] == ["collective-permute"], meta[f"{g}/auto"]
         assert meta[f"{g}/auto"]["name"].startswith("ppermute")
+    # a ring moves one row per direction: both leaves' rows (3 * 2 + 1 floats)
+    # packed in one message, never a whole leaf
+    assert [m.split("{")[0] for m in meta["ring/auto"]["messages"]] == ["f32[1,7]"] * 2
+    assert not meta["ring/auto"]["whole_block_packed"]
     assert meta["ring/shift"]["name"] == f"ppermute(n={N}, D=8, shifts=3)"
     assert meta["torus/shift"]["name"] == f"ppermute(n={N}, D=8, shifts=7)"
     # a random regular graph has ~n distinct shifts: all-gather fallback
