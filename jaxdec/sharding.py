@@ -317,18 +317,7 @@ def _send_rows(pieces: list[jax.Array], k: int, D: int, ax: str) -> list[jax.Arr
     leaf, ``[r, ...]``): device ``e`` sends them to device ``e - k``. Only the rows
     that move are packed into a message, never whole leaves."""
     perm = [(e, (e - k) % D) for e in range(D)]
-    out: list[jax.Array | None] = [None] * len(pieces)
-    groups: dict[Any, list[int]] = {}
-    for i, x in enumerate(pieces):
-        groups.setdefault(jnp.dtype(x.dtype), []).append(i)
-    for idx in groups.values():
-        flat = [pieces[i].reshape(pieces[i].shape[0], -1) for i in idx]
-        sizes = np.cumsum([f.shape[1] for f in flat])[:-1].tolist()
-        msg = flat[0] if len(flat) == 1 else jnp.concatenate(flat, axis=1)
-        got = jnp.split(jax.lax.ppermute(msg, ax, perm), sizes, axis=1)
-        for i, g in zip(idx, got, strict=True):
-            out[i] = g.reshape(pieces[i].shape)
-    return out
+    return _packed(lambda m: jax.lax.ppermute(m, ax, perm), pieces)
 
 
 def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
@@ -336,28 +325,36 @@ def _bcast(v: jax.Array, x: jax.Array) -> jax.Array:
     return v.reshape(v.shape + (1,) * (x.ndim - 1))
 
 
-def _fused(fn: Callable[[jax.Array], jax.Array], tree: PyTree, fuse: bool) -> PyTree:
-    """Apply a row-wise map ``fn`` to every leaf. With ``fuse``, leaves of one dtype
-    are flattened to ``[b, d_leaf]`` and concatenated to one ``[b, d]`` buffer first,
-    so each shift costs one message per dtype instead of one per leaf (worth the
-    copy only when there are messages, i.e. on more than one device)."""
-    if not fuse:
-        return jax.tree.map(fn, tree)
-    leaves, treedef = jax.tree.flatten(tree)
-    out: list[jax.Array | None] = [None] * len(leaves)
+def _packed(
+    fn: Callable[[jax.Array], jax.Array], arrays: list[jax.Array]
+) -> list[jax.Array]:
+    """Apply a row-wise map ``fn`` to ``arrays`` (``[r, ...]`` each), those of one
+    dtype flattened to ``[r, d_i]`` and concatenated to one ``[r, d]`` buffer, so a
+    collective inside ``fn`` sends one message per dtype instead of one per array."""
+    out: list[jax.Array | None] = [None] * len(arrays)
     groups: dict[Any, list[int]] = {}
-    for i, x in enumerate(leaves):
+    for i, x in enumerate(arrays):
         groups.setdefault(jnp.dtype(x.dtype), []).append(i)
     for idx in groups.values():
         if len(idx) == 1:
-            out[idx[0]] = fn(leaves[idx[0]])
+            out[idx[0]] = fn(arrays[idx[0]])
             continue
-        flat = [leaves[i].reshape(leaves[i].shape[0], -1) for i in idx]
+        flat = [arrays[i].reshape(arrays[i].shape[0], -1) for i in idx]
         sizes = np.cumsum([f.shape[1] for f in flat])[:-1].tolist()
         mixed = jnp.split(fn(jnp.concatenate(flat, axis=1)), sizes, axis=1)
         for i, m in zip(idx, mixed, strict=True):
-            out[i] = m.reshape(leaves[i].shape)
-    return jax.tree.unflatten(treedef, out)
+            out[i] = m.reshape(arrays[i].shape)
+    return out
+
+
+def _fused(fn: Callable[[jax.Array], jax.Array], tree: PyTree, fuse: bool) -> PyTree:
+    """Apply a row-wise map ``fn`` to every leaf; with ``fuse`` through one buffer
+    per dtype (:func:`_packed`: worth the copy only when ``fn`` sends messages,
+    i.e. on more than one device)."""
+    if not fuse:
+        return jax.tree.map(fn, tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, _packed(fn, leaves))
 
 
 def ppermute_gossip(
