@@ -149,10 +149,10 @@ def phase(op_name: str) -> str:
 
 
 def module_ops(text: str) -> dict[str, dict]:
-    """Every instruction that runs as an op (not inside a fusion or a reducer) of
-    an HLO module (names are unique in a module): output
-    dims, opcode, matmul FLOPs, the shapes of the dots it runs
-    (``batch x [M x K].[K x N]``), its ``op_name`` and :func:`phase`."""
+    """Every instruction of an HLO module that runs as an op (not inside a fusion
+    or a reducer; names are unique in a module): output dims, opcode, matmul FLOPs,
+    the shapes of the dots it runs (``batch x [M x K].[K x N]``), its ``op_name``
+    and :func:`phase`."""
     comps, _ = parse_hlo(text)
     inner = {  # fused computations and reducers: no ops of their own at run time
         c

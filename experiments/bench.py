@@ -67,7 +67,7 @@ def _parse(argv):
     p.add_argument("--memory-n", type=int, default=None)
     p.add_argument("--peak-size", type=int, default=None, help="matmul N for the peak")
     p.add_argument(
-        "--profile-n", type=int, default=None, help="n of the per-op gradient profile"
+        "--profile-n", type=int, default=None, help="n of the per-op table of the step"
     )
     p.add_argument(
         "--out", default=None, help="default: results/bench (CPU), bench_<backend>"
