@@ -1,6 +1,7 @@
 """Multi-host: a D-SGD job run as 2 cooperating JAX processes (2 CPU devices each,
 gloo collectives, jax.distributed) matches the same job in one process, and its
-checkpoints (written from state sharded over both processes) resume it exactly."""
+checkpoints (each process writes the shards it holds; nothing is gathered) resume it
+exactly."""
 
 import os
 import sys
@@ -37,8 +38,19 @@ W = topology.mixing_matrix(topology.ring(N))
 algo, state, sampler, ev = problem("dsgd", W, mesh, n=N)
 state0 = state
 ck = sys.argv[3]
+# checkpoints never gather the state: each process writes its own shards (orbax's
+# barriers all-gather small host values; a state gather would pass global arrays)
+from jax.experimental import multihost_utils
+gathers, real_allgather = [], multihost_utils.process_allgather
+def spy(tree, *a, **k):
+    gathers.extend(x.shape for x in jax.tree.leaves(tree)
+                   if isinstance(x, jax.Array) and not x.is_fully_addressable)
+    return real_allgather(tree, *a, **k)
+multihost_utils.process_allgather = spy
 state, hist = jd.run(algo, state, sampler, jax.random.key(5), STEPS, eval_every=3,
                      eval_fn=ev, progress=False, checkpoint_dir=ck)
+assert not gathers, f"the checkpoints gathered global arrays {gathers}"
+assert jd.checkpoint.all_steps(ck) == [3, 6]
 params = sharding.gather(state.params)    # full arrays on every process
 # resume from the step-STEPS checkpoint (sharded over both processes) with a
 # scrambled initial state: only a real restore reproduces the one-process run
@@ -72,6 +84,9 @@ def test_two_process_dsgd_matches_single_process(tmp_path):
         "process 1 done",
     ]
     got = dict(np.load(out))
+    # both processes wrote array data into the checkpoint (their own shards)
+    writers = {p.name for p in (tmp_path / "ckpt" / "6" / "state").glob("ocdbt.*")}
+    assert writers == {"ocdbt.process_0", "ocdbt.process_1"}
     # the same job in this process: one device, gossip.sparse, metrics.evaluator
     W = jd.topology.mixing_matrix(jd.topology.ring(N))
     algo, state, sampler, ev = problem("dsgd", W, None, n=N)
