@@ -524,7 +524,7 @@ def _reference_fingerprint(a: np.ndarray) -> str:
     fmt = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u4"}[size]
     words = [int(w) for w in np.frombuffer(a.tobytes(), fmt)]
     lanes = []
-    for seed in (0x9E3779B9, 0x7F4A7C15, 0x94D049BB, 0xBF58476D):
+    for seed in (0x9E3779B9, 0x7F4A7C15):
         acc = 0
         for i, w in enumerate(words):
             acc = (acc + _fmix32(w ^ _fmix32((i + seed) & _M32))) & _M32
@@ -567,7 +567,8 @@ def test_fingerprint_sees_any_change():
         fp = jckpt.fingerprints([jnp.asarray(y)])[0]
         if y.shape == x.shape:
             # every 32-bit lane changes (a bijection per word under the sum)
-            assert all(fp[k : k + 8] != base[k : k + 8] for k in range(0, 32, 8))
+            assert len(fp) == 16
+            assert all(fp[k : k + 8] != base[k : k + 8] for k in (0, 8))
         else:  # same words in the same order: the shape lives in the metadata
             assert fp == base
 
@@ -625,6 +626,7 @@ x = np.random.default_rng(0).normal(size=(32, 5, 3)).astype(np.float32)
 tree = {"x": jnp.asarray(x), "h": jnp.asarray(x[:, 0]).astype(jnp.bfloat16),
         "c": jnp.int32(3), "key": jax.random.key(1)}
 sh = sharding.shard_workers(tree, mesh)
+sh["key"] = jax.device_put(tree["key"], jax.devices()[3])  # a leaf on one device
 data = lambda t: [jax.random.key_data(v) if v.dtype == tree["key"].dtype else v
                   for v in jax.tree.leaves(t)]
 out = {"fp_sharded": jckpt.fingerprints(data(sh)),
