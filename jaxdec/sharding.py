@@ -217,16 +217,24 @@ def gather(tree: PyTree) -> PyTree:
     """Host NumPy copy of ``tree``, also for arrays spread over several processes.
 
     Every process receives the full arrays (``process_allgather``), so call it
-    on all processes.
+    on all processes. Typed PRNG keys (``jax.random.key``) cannot be NumPy arrays:
+    they come back as key arrays on the default device, built from the gathered
+    key data.
     """
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-    from jax.experimental import multihost_utils
+    multi = jax.process_count() > 1
+    if multi:
+        from jax.experimental import multihost_utils
 
-    def leaf(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    def host(x):
+        if multi and isinstance(x, jax.Array) and not x.is_fully_addressable:
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
         return np.asarray(jax.device_get(x))
+
+    def leaf(x):
+        if _is_key(x):
+            data = host(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        return host(x)
 
     return jax.tree.map(leaf, tree)
 

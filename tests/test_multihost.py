@@ -52,6 +52,8 @@ state, hist = jd.run(algo, state, sampler, jax.random.key(5), STEPS, eval_every=
 assert not gathers, f"the checkpoints gathered global arrays {gathers}"
 assert jd.checkpoint.all_steps(ck) == [3, 6]
 params = sharding.gather(state.params)    # full arrays on every process
+keys = sharding.shard_workers(jax.random.split(jax.random.key(0), N), mesh)
+keys = sharding.gather(keys)              # typed keys sharded over both processes
 # resume from the step-STEPS checkpoint (sharded over both processes) with a
 # scrambled initial state: only a real restore reproduces the one-process run
 junk = jax.tree.map(lambda x: x * 0 + 7, state0)
@@ -62,6 +64,7 @@ resumed = sharding.gather(state2.params)
 if jax.process_index() == 0:
     np.savez(sys.argv[1], loss=hist.train["loss"],
              acc=hist.eval["local_acc_mean"], loss2=hist2.train["loss"], **params,
+             keys=jax.random.key_data(keys),
              **{"resumed_" + k: v for k, v in resumed.items()})
 print("process", jax.process_index(), "done", flush=True)
 """
@@ -105,6 +108,9 @@ def test_two_process_dsgd_matches_single_process(tmp_path):
     np.testing.assert_allclose(got["loss"], hist.train["loss"], rtol=2e-5)
     np.testing.assert_allclose(got["acc"], hist.eval["local_acc_mean"], atol=1e-6)
     assert got["loss"][-1] < got["loss"][0]
+    # typed keys sharded over both processes gather into the same keys
+    want = jax.random.key_data(jax.random.split(jax.random.key(0), N))
+    np.testing.assert_array_equal(got["keys"], np.asarray(want))
     # the resumed multi-host run continues the one-process run exactly
     state, hist = jd.run(
         algo, state, sampler, jax.random.key(5), 3, start_step=STEPS, progress=False

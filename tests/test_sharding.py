@@ -379,3 +379,19 @@ def test_bfloat16_params_track_float32_run():
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.05, atol=0.02)
     np.testing.assert_allclose(h16.train["loss"], h32.train["loss"], rtol=0.02)
     assert sharding.cast_floats({"i": jnp.arange(3)})["i"].dtype == jnp.int32
+
+
+def test_gather_returns_host_arrays_and_keys():
+    tree = {
+        "x": jnp.arange(6.0).reshape(3, 2),
+        "k": jax.random.split(jax.random.key(2), 3),
+        "i": jnp.int32(4),
+    }
+    got = sharding.gather(tree)
+    assert isinstance(got["x"], np.ndarray) and isinstance(got["i"], np.ndarray)
+    np.testing.assert_array_equal(got["x"], np.arange(6.0).reshape(3, 2))
+    assert jax.dtypes.issubdtype(got["k"].dtype, jax.dtypes.prng_key)
+    np.testing.assert_array_equal(
+        np.asarray(jax.random.key_data(got["k"])),
+        np.asarray(jax.random.key_data(tree["k"])),
+    )
