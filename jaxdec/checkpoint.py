@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -461,6 +462,9 @@ def _read_state(path: Path, target: dict[str, Any]) -> list[Any]:
             got = reader.restore(path / _STATE, target)
         return [got[k] for k in sorted(target)]
     except Exception as err:  # noqa: BLE001
+        # a failed read leaves tensorstore futures behind: collect them now, in this
+        # call, rather than at some later point of the program
+        gc.collect()
         raise _corrupt(path, f"array data unreadable: {type(err).__name__}") from err
 
 
