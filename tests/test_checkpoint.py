@@ -635,7 +635,8 @@ def test_reads_version_1_checkpoints(tmp_path):
 
 # Runs with 8 fake devices: a worker-sharded tree is fingerprinted on its devices
 # (no all-gather compiled), saved shard by shard, and restored into 8 devices and
-# into one device; a one-device checkpoint restores into the 8-device sharding.
+# into one device; a one-device checkpoint restores into the 8-device sharding; a
+# sharded D-SGD run checkpointed on 8 devices resumes on 4.
 _SHARDED = r"""
 import json, sys
 import jax
@@ -667,16 +668,41 @@ for k, t in got.items():
               "devices": len(t["x"].sharding.device_set),
               "equal": all(bool(np.array_equal(np.asarray(a), np.asarray(b)))
                            for a, b in zip(data(t), data(tree)))}
+# a sharded run checkpointed on 8 devices resumes on a 4-device mesh (a restart on
+# another allocation) and lands where the one-device run does
+import jaxdec as jd
+sys.path.insert(0, sys.argv[2])
+from test_sharding import problem
+W = jd.topology.mixing_matrix(jd.topology.ring(16))
+run = dict(eval_every=2, progress=False)
+algo, st, smp, _ = problem("dsgd", W, mesh, n=16, evaluate=False)
+jd.run(algo, st, smp, jax.random.key(5), 4, checkpoint_dir=d + "/run", **run)
+mesh4 = sharding.worker_mesh(jax.devices()[:4])
+algo, st, smp, _ = problem("dsgd", W, mesh4, n=16, evaluate=False)
+junk = jax.tree.map(lambda v: v * 0 + 7, st)
+s4, _ = jd.run(algo, junk, smp, jax.random.key(5), 6, checkpoint_dir=d + "/run",
+               resume=True, **run)
+algo, st, smp, _ = problem("dsgd", W, None, n=16, evaluate=False)
+s1, _ = jd.run(algo, st, smp, jax.random.key(5), 6, **run)
+out["resumed_devices"] = len(s4.params["w1"].sharding.device_set)
+out["resumed_vs_one_device"] = max(
+    float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+    for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)))
 print(json.dumps(out))
 """
 
 
 def test_sharded_checkpoint_is_written_and_verified_shard_by_shard(tmp_path):
     res = subprocess.run(
-        [sys.executable, "-c", _SHARDED, str(tmp_path)],
+        [sys.executable, "-c", _SHARDED, str(tmp_path), str(ROOT / "tests")],
         capture_output=True,
         text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONPATH": str(ROOT),
+            "XLA_FLAGS": "--xla_backend_optimization_level=0",
+        },  # fmt: skip
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
@@ -689,3 +715,5 @@ def test_sharded_checkpoint_is_written_and_verified_shard_by_shard(tmp_path):
     assert out["8->8"] == {"x_spec": out["x_spec"], "devices": 8, "equal": True}
     assert out["8->1"]["devices"] == 1 and out["8->1"]["equal"]
     assert out["1->8"] == {"x_spec": out["x_spec"], "devices": 8, "equal": True}
+    assert out["resumed_devices"] == 4
+    assert out["resumed_vs_one_device"] < 1e-5
