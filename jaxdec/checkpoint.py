@@ -244,14 +244,15 @@ def _leaves_to_save(tree: PyTree) -> tuple[list[Any], list[dict[str, Any]], str]
     return arrays, specs, str(treedef)
 
 
+def _canonical(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, allow_nan=True).encode()
+
+
 def _meta_digest(meta: dict[str, Any]) -> str:
     """SHA-256 of the canonical JSON of ``meta`` (which holds every fingerprint)."""
-    return hashlib.sha256(
-        json.dumps(meta, sort_keys=True, allow_nan=True).encode()
-    ).hexdigest()
+    return hashlib.sha256(_canonical(meta)).hexdigest()
 
 
-# ----------------------------------------------- version 1 (read only, host arrays)
 def _on_devices_like(a: np.ndarray, leaf: jax.Array) -> jax.Array:
     """Place host array ``a`` with ``leaf``'s sharding (each process builds only its
     own shards, so this works for multi-host shardings too)."""
@@ -261,11 +262,11 @@ def _on_devices_like(a: np.ndarray, leaf: jax.Array) -> jax.Array:
     return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
 
 
+# ----------------------------------------------- version 1 (read only, host arrays)
 def _digest_v1(arrays: list[np.ndarray], meta: dict[str, Any]) -> str:
     """Version 1's SHA-256 over the canonical JSON of ``meta`` and every array's
     bytes (the arrays gathered on the host)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(meta, sort_keys=True, allow_nan=True).encode())
+    h = hashlib.sha256(_canonical(meta))
     for i, a in enumerate(arrays):
         h.update(f"|{i}:{a.dtype.str}:{a.shape}|".encode())
         h.update(np.asarray(a, order="C").tobytes())
@@ -468,7 +469,7 @@ def _read_state(path: Path, target: dict[str, Any]) -> list[Any]:
         raise _corrupt(path, f"array data unreadable: {type(err).__name__}") from err
 
 
-def _read_v1(path, body, saved_sum, leaves, shapes, dtypes) -> list[np.ndarray]:
+def _read_v1(path, body, saved_sum, shapes, dtypes) -> list[np.ndarray]:
     """Version 1 data: whole arrays on the host, checked by the SHA-256 over them."""
     target = {
         f"{i:05d}": np.zeros(s, t)
@@ -572,7 +573,7 @@ def restore(
             )
         refs.append(ref)
     if version == 1:
-        arrays = _read_v1(path, body, saved_sum, leaves, shapes, dtypes)
+        arrays = _read_v1(path, body, saved_sum, shapes, dtypes)
     else:
         # every jax.Array leaf is read straight into like='s sharding: each process
         # reads only the shards its devices hold
