@@ -69,11 +69,11 @@ def _one_size(n: int, repeats: int) -> dict:
     import jax
     import numpy as np
     import optax
+    import orbax.checkpoint as ocp
 
     import jaxdec as jd
     from jaxdec import checkpoint as jckpt
 
-    ocp = jckpt._ocp()
     mesh = jd.sharding.worker_mesh()
     ds = jd.data.load_digits(seed=0)
     model = jd.models.MLP(hidden=(64,), num_classes=10)
@@ -88,7 +88,7 @@ def _one_size(n: int, repeats: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="jaxdec-ckbench-"))
     step = iter(range(1, 10**6))
     leaves = jax.tree.leaves(tree)
-    keyed = [jckpt._is_key(x) for x in leaves]
+    keyed = [jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) for x in leaves]
 
     def save_v2():
         jckpt.save(tmp / "v2", next(step), tree, max_to_keep=1)
