@@ -7,12 +7,15 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+FAST = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
 
 
 def _execute(path: Path, monkeypatch):
     monkeypatch.setenv("JAXDEC_NB_STEPS", "60")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    # quick XLA:CPU compiles: at these sizes a notebook is mostly compilation
+    monkeypatch.setenv("XLA_FLAGS", FAST)
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         nb,
