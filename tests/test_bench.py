@@ -148,16 +148,16 @@ def test_hlo_matmul_flops_and_phases():
 
 
 def test_checkpoint_bench_runs_and_writes_its_report(tmp_path):
-    """experiments/bench_checkpoint.py at a tiny size on 1 and 2 devices: both ways
-    of checkpointing run, the restored state is bit-exact in the saved sharding."""
+    """experiments/bench_checkpoint.py at a tiny size on 2 devices: both ways of
+    checkpointing run, the restored state is bit-exact in the saved sharding."""
     cmd = [sys.executable, str(ROOT / "experiments" / "bench_checkpoint.py"),
-           "--sizes", "8", "--devices", "1", "2", "--repeats", "1",
+           "--sizes", "8", "--devices", "2", "--repeats", "1",
            "--out", str(tmp_path)]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=FAST)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads((tmp_path / "bench_checkpoint.json").read_text())["rows"]
-    assert [(r["n"], r["devices"]) for r in rows] == [(8, 1), (8, 2)]
+    assert [(r["n"], r["devices"]) for r in rows] == [(8, 2)]
     assert all(r["restored_equal"] for r in rows)
     for r in rows:
         assert r["state_MiB"] > 0 and r["jaxdec_save_s"] > 0 and r["gather_save_s"] > 0
