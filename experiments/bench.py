@@ -113,6 +113,25 @@ _DIGITS = {}
 # ---------------------------------------------------------------------- machine
 
 
+def _cpu_stat() -> list[int] | None:
+    """Jiffies of all CPUs from ``/proc/stat`` (Linux): ``[total, steal]``, or
+    ``None`` elsewhere. The steal share over the run says how much of the CPU a
+    virtual machine's host took away (another source of run-to-run spread)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return [sum(v[:8]), v[7]] if len(v) >= 8 else None
+
+
+def steal_share(start: list[int] | None, end: list[int] | None) -> float | None:
+    """Fraction of CPU time stolen by the hypervisor between two :func:`_cpu_stat`."""
+    if not start or not end or end[0] <= start[0]:
+        return None
+    return (end[1] - start[1]) / (end[0] - start[0])
+
+
 def machine_info() -> dict:
     dev = jax.devices()[0]
     return {
@@ -126,6 +145,8 @@ def machine_info() -> dict:
         "num_devices": jax.device_count(),
         "devices": [str(d) for d in jax.devices()],
         "loadavg_start": list(os.getloadavg()),
+        "cpu_stat_start": _cpu_stat(),
+        "xla_flags": os.environ.get("XLA_FLAGS", "").strip(),
     }
 
 
@@ -696,7 +717,13 @@ def markdown(report: dict) -> str:
         f"-10 on digits, batch {report['config']['batch']}, ring gossip",
         f"- load average start / end: {m['loadavg_start'][0]:.1f} / "
         f"{m['loadavg_end'][0]:.1f}"
-        + (" (**busy machine: other processes competed for the CPU**)" if busy else ""),
+        + (" (**busy machine: other processes competed for the CPU**)" if busy else "")
+        + (
+            f"; CPU time stolen by the hypervisor: {100 * m['steal']:.1f}%"
+            if m.get("steal") is not None
+            else ""
+        ),
+        f"- `XLA_FLAGS`: `{m.get('xla_flags') or '(none)'}`",
         "",
         "## Throughput (worker-steps / s)",
         "",
@@ -873,6 +900,9 @@ def main(args=None) -> dict:
     report["rows"] = rows
     report["targets"] = targets(rows, peak.best, report["machine"]["backend"])
     report["machine"]["loadavg_end"] = list(os.getloadavg())
+    report["machine"]["steal"] = steal_share(
+        report["machine"]["cpu_stat_start"], _cpu_stat()
+    )
     report["wall_s"] = time.perf_counter() - tic
     name = "bench" if on_cpu else f"bench_{jax.default_backend()}"
     out = Path(args.out) if args.out else RESULTS / name

@@ -62,6 +62,11 @@ def test_bench_runs_and_writes_its_report(tmp_path):
     assert r8["step_ops"] and "## Inside the sparse step (n=8" in md
     assert report["peak_flops_per_s"] > 0
     assert report["machine"]["backend"] == "cpu"
+    # the report says under which XLA flags it ran (ours: the per-op profiler)
+    assert FAST in report["machine"]["xla_flags"]
+    assert f"- `XLA_FLAGS`: `{report['machine']['xla_flags']}`" in md
+    if report["machine"]["steal"] is not None:  # Linux: /proc/stat
+        assert 0 <= report["machine"]["steal"] <= 1 and "stolen" in md
     assert {m["model"] for m in report["memory"]} == {"mlp", "cnn"}
     assert all(m["workers_per_gib"] > 0 for m in report["memory"])
     assert "## Device memory" not in md  # XLA:CPU keeps no allocator statistics
@@ -162,3 +167,13 @@ def test_checkpoint_bench_runs_and_writes_its_report(tmp_path):
     for r in rows:
         assert r["state_MiB"] > 0 and r["jaxdec_save_s"] > 0 and r["gather_save_s"] > 0
     assert "| 8 | 2 |" in (tmp_path / "bench_checkpoint.md").read_text()
+
+
+def test_steal_share_from_cpu_counters():
+    bench = _bench_module()
+    assert bench.steal_share([1000, 10], [1400, 110]) == 0.25
+    assert bench.steal_share(None, [1, 0]) is None  # no /proc/stat
+    assert bench.steal_share([5, 0], [5, 0]) is None  # no time passed
+    stat = bench._cpu_stat()
+    if stat is not None:
+        assert stat[0] >= stat[1] >= 0
