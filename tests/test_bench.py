@@ -177,3 +177,20 @@ def test_steal_share_from_cpu_counters():
     stat = bench._cpu_stat()
     if stat is not None:
         assert stat[0] >= stat[1] >= 0
+
+
+def test_paired_scaling_alternates_two_sizes_and_feeds_the_target():
+    import argparse
+
+    bench = _bench_module()
+    args = argparse.Namespace(sizes=[8, 16], hidden=[8], batch=4, quick=True, repeats=1)
+    ps = bench.paired_scaling(args, small=8, big=16)
+    ws = ps["worker_steps_per_s"]
+    assert set(ws) == {"8", "16"} and all(v > 0 for v in ws.values())
+    assert ps["ratio"] == ws["8"] / ws["16"]
+    assert bench.paired_scaling(args, small=8, big=32) is None  # 32 not benchmarked
+    # the scaling claim is judged on the alternating measurement when there is one
+    ts = bench.targets([], 1.0, "cpu", dict(ps, ratio=1.2))
+    assert [(t["value"], t["pass"]) for t in ts] == [(1.2, True)]
+    assert "alternation" in ts[0]["claim"]
+    assert not bench.targets([], 1.0, "cpu", dict(ps, ratio=1.6))[0]["pass"]
