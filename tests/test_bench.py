@@ -187,7 +187,13 @@ def test_paired_scaling_alternates_two_sizes_and_feeds_the_target():
     ps = bench.paired_scaling(args, small=8, big=16)
     ws = ps["worker_steps_per_s"]
     assert set(ws) == {"8", "16"} and all(v > 0 for v in ws.values())
-    assert ps["ratio"] == ws["8"] / ws["16"]
+    assert ps["best_ratio"] == ws["8"] / ws["16"]
+    # the claim's figure: the median of the per-round paired ratios
+    rr = ps["round_ratios"]
+    assert ps["rounds"] == len(rr) == 5 and all(r > 0 for r in rr)
+    assert ps["ratio"] == sorted(rr)[2]
+    q1, q3 = ps["ratio_quartiles"]
+    assert min(rr) <= q1 <= ps["ratio"] <= q3 <= max(rr)
     assert bench.paired_scaling(args, small=8, big=32) is None  # 32 not benchmarked
     # the scaling claim is judged on the alternating measurement when there is one
     ts = bench.targets([], 1.0, "cpu", dict(ps, ratio=1.2))
