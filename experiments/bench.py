@@ -132,11 +132,39 @@ def steal_share(start: list[int] | None, end: list[int] | None) -> float | None:
     return (end[1] - start[1]) / (end[0] - start[0])
 
 
+_SIMD = ("avx512f", "avx2", "avx", "sse4_2", "sve", "asimd")  # widest first
+
+
+def cpu_model(cpuinfo: str) -> dict:
+    """The CPU's model name and widest vector ISA from ``/proc/cpuinfo`` text
+    (``{"model": None, "simd": None}`` where it names neither). The matmul peak and
+    the small batched dots move with both (AVX-512 doubles the peak, not the dots),
+    so CPU figures must say which CPU gave them."""
+    model, flags = None, set()
+    for line in cpuinfo.splitlines():
+        k, _, v = line.partition(":")
+        k = k.strip().lower()
+        if model is None and k in ("model name", "cpu model", "hardware"):
+            model = v.strip() or None
+        elif k in ("flags", "features") and not flags:
+            flags = set(v.split())
+    return {"model": model, "simd": next((f for f in _SIMD if f in flags), None)}
+
+
+def _cpu_model() -> dict:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return cpu_model(f.read())
+    except OSError:
+        return cpu_model("")
+
+
 def machine_info() -> dict:
     dev = jax.devices()[0]
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
         "jax": jax.__version__,
@@ -769,7 +797,13 @@ def step_ops_markdown(rows: list[dict], peak: float) -> list[str]:
 
 def markdown(report: dict) -> str:
     m, rows, peak = report["machine"], report["rows"], report["peak_flops_per_s"]
-    dev = m["device_kind"] if m["backend"] != "cpu" else f"CPU ({m['processor']})"
+    cpu = m.get("cpu") or {}
+    what = [cpu.get("model"), (cpu.get("simd") or "").upper() or None, m["processor"]]
+    dev = (
+        m["device_kind"]
+        if m["backend"] != "cpu"
+        else f"CPU ({', '.join(filter(None, what))})"
+    )
     busy = max(m["loadavg_start"][0], m["loadavg_end"][0]) > (m["cpu_count"] or 1)
     D = next((r["sharded"]["devices"] for r in rows if "sharded" in r), 1)
     md = [

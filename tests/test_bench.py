@@ -67,6 +67,9 @@ def test_bench_runs_and_writes_its_report(tmp_path):
     assert f"- `XLA_FLAGS`: `{report['machine']['xla_flags']}`" in md
     if report["machine"]["steal"] is not None:  # Linux: /proc/stat
         assert 0 <= report["machine"]["steal"] <= 1 and "stolen" in md
+    cpu = report["machine"]["cpu"]  # CPU figures say which CPU gave them
+    if cpu["model"] is not None:  # Linux: /proc/cpuinfo
+        assert f"- device: **CPU ({cpu['model']}" in md
     assert {m["model"] for m in report["memory"]} == {"mlp", "cnn"}
     assert all(m["workers_per_gib"] > 0 for m in report["memory"])
     assert "## Device memory" not in md  # XLA:CPU keeps no allocator statistics
@@ -200,3 +203,22 @@ def test_paired_scaling_alternates_two_sizes_and_feeds_the_target():
     assert [(t["value"], t["pass"]) for t in ts] == [(1.2, True)]
     assert "alternation" in ts[0]["claim"]
     assert not bench.targets([], 1.0, "cpu", dict(ps, ratio=1.6))[0]["pass"]
+
+
+def test_cpu_model_and_widest_simd_from_cpuinfo():
+    bench = _bench_module()
+    intel = (
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+        "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw amx_tile\n\n"
+        "processor\t: 1\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+        "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw amx_tile\n"
+    )
+    assert bench.cpu_model(intel) == {
+        "model": "Intel(R) Xeon(R) Platinum 8488C",
+        "simd": "avx512f",
+    }
+    amd = "model name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx fma avx2\n"
+    assert bench.cpu_model(amd) == {"model": "AMD EPYC", "simd": "avx2"}
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve\nCPU part\t: 0xd40\n"
+    assert bench.cpu_model(arm) == {"model": None, "simd": "sve"}
+    assert bench.cpu_model("") == {"model": None, "simd": None}
