@@ -222,3 +222,34 @@ def test_cpu_model_and_widest_simd_from_cpuinfo():
     arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes sve\nCPU part\t: 0xd40\n"
     assert bench.cpu_model(arm) == {"model": None, "simd": "sve"}
     assert bench.cpu_model("") == {"model": None, "simd": None}
+
+
+def test_bench_dots_runs_checks_every_dot_and_sums_them(tmp_path):
+    cmd = [
+        sys.executable,
+        str(ROOT / "experiments" / "bench_dots.py"),
+        *("--n", "8", "16", "--devices", "2", "--repeats", "1", "--calls", "2"),
+        *("--peak-size", "128", "--out", str(tmp_path)),
+    ]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), XLA_FLAGS=FAST)
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((tmp_path / "bench_dots.json").read_text())
+    rows = report["rows"]
+    assert [(r["n"], r["dot"]) for r in rows[:2]] == [
+        (8, "[32x64].[64x64]"),
+        (8, "[64x32].[32x64]"),
+    ]
+    assert len(rows) == 10 and {r["n"] for r in rows} == {8, 16}
+    for r in rows:  # every variant ran, computed the dot (numpy.einsum), was timed
+        assert {"xla", "xla D=2"} <= set(r["s"]) and all(t > 0 for t in r["s"].values())
+        assert max(r["max_abs_err"].values()) < 1e-4
+    # the MLP 64-64-10 gradient's matmul FLOPs, per worker (bench.matmul_flops)
+    flops8 = sum(r["flops"] for r in rows if r["n"] == 8)
+    assert flops8 == 8 * _bench_module().matmul_flops([64], 32)
+    t8 = sum(r["s"]["xla"] for r in rows if r["n"] == 8)
+    assert abs(report["all_five"]["8"]["xla"] - flops8 / t8) < 1e-6 * flops8 / t8
+    md = (tmp_path / "bench_dots.md").read_text()
+    assert "| 16 | **all five** |" in md and "device: **" in md
+    if report["mkl"]["path"] is None:
+        assert "MKL: not installed" in md and "mkl T=1" not in md
