@@ -183,11 +183,11 @@ def time_dot(dot, n, mesh, mkl, calls, repeats) -> dict:
         for t in sorted({1, D}):
             mkl.threads(t)
 
-            def run(c=c):
+            def batched(c=c):
                 mkl.call(dot, a, b, c)
                 return c
 
-            record(f"mkl T={t}", run, run)
+            record(f"mkl T={t}", batched, batched)
     return out
 
 
