@@ -807,17 +807,20 @@ def step_ops_markdown(rows: list[dict], peak: float) -> list[str]:
     return md
 
 
+def device_name(m: dict) -> str:
+    """The accelerator's kind, or ``CPU (model, ISA, arch)`` on a CPU."""
+    if m["backend"] != "cpu":
+        return m["device_kind"]
+    cpu = m.get("cpu") or {}
+    what = [cpu.get("model"), (cpu.get("simd") or "").upper() or None, m["processor"]]
+    return f"CPU ({', '.join(filter(None, what))})"
+
+
 def markdown_machine(report: dict, workload: str | None = None) -> list[str]:
     """The report's header lines: which device (on a CPU: its model and vector ISA),
     the measured peak, the workload, the load and steal, the ``XLA_FLAGS``."""
     m, peak = report["machine"], report["peak_flops_per_s"]
-    cpu = m.get("cpu") or {}
-    what = [cpu.get("model"), (cpu.get("simd") or "").upper() or None, m["processor"]]
-    dev = (
-        m["device_kind"]
-        if m["backend"] != "cpu"
-        else f"CPU ({', '.join(filter(None, what))})"
-    )
+    dev = device_name(m)
     busy = max(m["loadavg_start"][0], m["loadavg_end"][0]) > (m["cpu_count"] or 1)
     return [
         f"- device: **{dev}**, backend `{m['backend']}`, {m['num_devices']} device(s),"
@@ -998,14 +1001,20 @@ def plot(report: dict, path: Path) -> None:
             ax[0].plot(*zip(*pts, strict=True), style, label=k)
     ax[0].set(xscale="log", yscale="log", xlabel="workers n", ylabel="worker-steps / s")
     ax[0].legend()
-    ax[0].set_title(report["machine"]["device_kind"])
+    ax[0].set_title(device_name(report["machine"]))
     ns = [str(r["n"]) for r in rows]
     bottom = np.zeros(len(rows))
-    for k in (*_PARTS, "other"):
-        v = np.clip([r[f"frac_{k}"] for r in rows], 0, None)
+    if all("phases" in r for r in rows):  # profiled: shares of the step's op time
+        parts = [(k, [r["phases"][k] for r in rows]) for k in _profile.PHASES]
+        ylabel = "share of the sparse step's op time (profiled)"
+    else:  # each part timed alone, over the step (overlaps can sum past 1)
+        parts = [(k, [r[f"frac_{k}"] for r in rows]) for k in (*_PARTS, "other")]
+        ylabel = "part timed alone / sparse step"
+    for k, v in parts:
+        v = np.clip(v, 0, None)
         ax[1].bar(ns, v, bottom=bottom, label=k)
         bottom += v
-    ax[1].set(xlabel="workers n", ylabel="fraction of sparse step time")
+    ax[1].set(xlabel="workers n", ylabel=ylabel)
     ax[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
