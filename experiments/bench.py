@@ -178,6 +178,14 @@ def machine_info() -> dict:
     }
 
 
+def machine_end(m: dict) -> dict:
+    """Close :func:`machine_info` at the end of a run: the load average then and the
+    share of CPU time the hypervisor stole since it started."""
+    m["loadavg_end"] = list(os.getloadavg())
+    m["steal"] = steal_share(m["cpu_stat_start"], _cpu_stat())
+    return m
+
+
 def device_memory() -> dict | None:
     """Bytes in use / peak / limit of device 0 (``None`` where the backend keeps
     no allocator statistics, e.g. XLA:CPU)."""
@@ -1051,10 +1059,7 @@ def main(args=None) -> dict:
     report["targets"] = targets(
         rows, peak.best, report["machine"]["backend"], report["paired_scaling"]
     )
-    report["machine"]["loadavg_end"] = list(os.getloadavg())
-    report["machine"]["steal"] = steal_share(
-        report["machine"]["cpu_stat_start"], _cpu_stat()
-    )
+    machine_end(report["machine"])
     report["wall_s"] = time.perf_counter() - tic
     name = "bench" if on_cpu else f"bench_{jax.default_backend()}"
     out = Path(args.out) if args.out else RESULTS / name

@@ -71,7 +71,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import Peak, machine_info, markdown_machine  # noqa: E402
+from bench import Peak, _best, machine_end, machine_info, markdown_machine  # noqa: E402
 
 import jaxdec as jd  # noqa: E402
 
@@ -143,19 +143,6 @@ class MKL:
 # --------------------------------------------------------------------- timing
 
 
-def _best(fn, calls: int, repeats: int) -> float:
-    """Best per-call wall time over ``repeats`` timings of ``calls`` calls."""
-    jax.block_until_ready(fn())
-    best = float("inf")
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        for _ in range(calls):
-            out = fn()
-        jax.block_until_ready(out)
-        best = min(best, (time.perf_counter() - tic) / calls)
-    return best
-
-
 def time_dot(dot, n, mesh, mkl, calls, repeats) -> dict:
     """Seconds per call of one dot for ``n`` workers, every variant, and each
     variant's largest deviation from ``numpy.einsum``."""
@@ -164,20 +151,21 @@ def time_dot(dot, n, mesh, mkl, calls, repeats) -> dict:
     f = jax.jit(lambda x, y: jnp.einsum(subscripts(dot), x, y))
     out = {"s": {}, "max_abs_err": {}}
 
-    def record(name, fn, result):
-        out["s"][name] = _best(fn, calls, repeats)
-        out["max_abs_err"][name] = float(np.max(np.abs(np.asarray(result()) - ref)))
+    def record(name, fn):  # best per-call time of `calls` calls in a row
+        out["s"][name] = _best(lambda: [fn() for _ in range(calls)][-1], repeats)
+        out["s"][name] /= calls
+        out["max_abs_err"][name] = float(np.max(np.abs(np.asarray(fn()) - ref)))
 
     xa, xb = (
         jax.device_put(a, mesh.devices.flat[0]),
         jax.device_put(b, mesh.devices.flat[0]),
     )
-    record("xla", lambda: f(xa, xb), lambda: f(xa, xb))
+    record("xla", lambda: f(xa, xb))
     D = mesh.devices.size
     if D > 1 and n % D == 0:
         sh = NamedSharding(mesh, PartitionSpec(jd.sharding.AXIS))
         sa, sb = jax.device_put(a, sh), jax.device_put(b, sh)
-        record(f"xla D={D}", lambda: f(sa, sb), lambda: f(sa, sb))
+        record(f"xla D={D}", lambda: f(sa, sb))
     if mkl is not None:
         c = np.empty_like(ref)
         for t in sorted({1, D}):
@@ -187,11 +175,12 @@ def time_dot(dot, n, mesh, mkl, calls, repeats) -> dict:
                 mkl.call(dot, a, b, c)
                 return c
 
-            record(f"mkl T={t}", batched, batched)
+            record(f"mkl T={t}", batched)
     return out
 
 
 def run(args) -> dict:
+    machine = machine_info()
     mesh = jd.sharding.worker_mesh()
     path = find_mkl(args.mkl)
     mkl = MKL(path) if path else None
@@ -205,10 +194,8 @@ def run(args) -> dict:
             r.update(n=n, dot=dot[0], role=dot[1], flops=2.0 * n * M * K * N)
             rows.append(r)
             peak.measure(args.repeats)
-    machine = machine_info()
-    machine["loadavg_end"] = list(os.getloadavg())
     return {
-        "machine": machine,
+        "machine": machine_end(machine),
         "config": {"n": args.n, "devices": mesh.devices.size, "calls": args.calls},
         "mkl": {"path": path, "version": mkl.version if mkl else None},
         "peak_flops_per_s": peak.best,
